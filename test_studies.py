@@ -235,3 +235,12 @@ def test_plot_without_matplotlib_is_a_one_line_error(capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == (
         "studies.py: error: --plot needs matplotlib: pip install matplotlib"
     )
+
+
+def test_study_flags_that_do_not_apply_are_refused(capsys):
+    assert studies.main(["frontier", "--loss-stop"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "studies.py: error: --loss-stop does not apply to frontier (it runs the default regime)"
+    )
+    assert studies.main(["tune", "--seeds", "2"]) == 2
+    assert "tuning seeds [1000, 1001, 1002] only" in capsys.readouterr().err
