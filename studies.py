@@ -1265,10 +1265,11 @@ def persistence_table(report: dict[str, Any]) -> str:
 
 # Our departures from the original code (method.md, sections 6 and 8), each as the settings
 # (of Config or Study) that switch it: the original's values, then ours (the defaults).
+LEARNING_RATES = ("setup_lr_decay", "safety_lr", "classifier_lr", "suppression_lr")
 DEPARTURES = {
     "1 learning rates": (
         {"setup_lr_decay": 1.0, "safety_lr": 1e-3, "classifier_lr": 1e-3, "suppression_lr": 1e-3},
-        {"setup_lr_decay": 0.01, "safety_lr": 1e-4, "classifier_lr": 1e-3, "suppression_lr": 3e-3},
+        {k: getattr(Config(), k) for k in LEARNING_RATES},  # ours: the defaults
     ),
     "2 stop rule": (
         {
