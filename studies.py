@@ -1393,39 +1393,45 @@ def run_study(name: str, config: Config, study: Study, seeds: Sequence[int]) -> 
     return ladder(config, study, seeds)
 
 
+def tune_text(report: dict[str, Any]) -> str:
+    tuned = report["tune"]
+    return (
+        f"{tuning_table(report)}\n\nchosen: safety_lr {tuned['safety_lr']}, suppression_lr "
+        f"{tuned['suppression_lr']}, lat_epsilon {tuned['lat_epsilon']} (the largest "
+        "acceptable on every tuning seed; None: no setting in the grid is)"
+    )
+
+
+def recipe_text(report: dict[str, Any]) -> str:
+    chosen = report["recipe"]["chosen"]
+    return f"{recipe_table(report)}\n\nchosen: {chosen} (by the rule in `studies.recipe`)"
+
+
+def attacks_text(report: dict[str, Any]) -> str:
+    heading = "attacks on ordinary prompts (best of the restarts, fresh inputs)"
+    return f"{rows_tables(report)}\n\n{heading}\n\n{attack_tables(report)}"
+
+
+# Each study's printed tables, from its report.
+TEXTS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "tune": tune_text,
+    "lat-check": lat_check_table,
+    "frontier": frontier_tables,
+    "sensitivity": sensitivity_table,
+    "reopen": reopen_tables,
+    "recipe": recipe_text,
+    "persistence": persistence_table,
+    "held-out": held_out_table,
+    "ladder": ladder_table,
+    "attacks": attacks_text,
+    "ablations": lambda report: rows_tables(report["ablations"]),
+    "original": lambda report: rows_tables(report["original"]),
+}
+
+
 def print_study(name: str, report: dict[str, Any]) -> None:
     print(f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n")
-    if name == "tune":
-        tuned = report["tune"]
-        print(tuning_table(report))
-        print(
-            f"\nchosen: safety_lr {tuned['safety_lr']}, suppression_lr "
-            f"{tuned['suppression_lr']}, lat_epsilon {tuned['lat_epsilon']} (the largest "
-            "acceptable on every tuning seed; None: no setting in the grid is)"
-        )
-    elif name == "lat-check":
-        print(lat_check_table(report))
-    elif name == "frontier":
-        print(frontier_tables(report))
-    elif name == "sensitivity":
-        print(sensitivity_table(report))
-    elif name == "reopen":
-        print(reopen_tables(report))
-    elif name == "recipe":
-        print(recipe_table(report))
-        print(f"\nchosen: {report['recipe']['chosen']} (by the rule in `studies.recipe`)")
-    elif name == "persistence":
-        print(persistence_table(report))
-    elif name == "held-out":
-        print(held_out_table(report))
-    elif name == "ladder":
-        print(ladder_table(report))
-    elif name == "attacks":
-        print(rows_tables(report))
-        print("\nattacks on ordinary prompts (best of the restarts, fresh inputs)\n")
-        print(attack_tables(report))
-    else:
-        print(rows_tables(report[name]))
+    print(TEXTS[name](report))
 
 
 STUDIES = {

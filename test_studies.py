@@ -393,3 +393,7 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
         else:
             assert hidden_weight == 0.0, phase.name
     assert {"fine-tune variant", "targeted suppression", "adversary", "classifier"} <= names
+
+
+def test_every_study_has_its_printed_tables():
+    assert set(studies.TEXTS) == set(studies.STUDIES)
