@@ -47,7 +47,9 @@ def test_defenders_view_never_carries_the_unknown_triggers(backdoored):
 
 def test_attacks_find_the_backdoor_within_their_budgets(backdoored):
     config, model = backdoored
-    found = studies.attack(model, jax.random.key(3), Study(attack_restarts=1), config)
+    found = studies.attack(
+        model, jax.random.key(3), Study(attack_restarts=1, attack_steps=50), config
+    )
     assert set(found) == set(studies.ATTACKS)
     for name, per_budget in found.items():
         assert list(per_budget) == [f"{b:g}x" for b in studies.ATTACK_BUDGETS]
@@ -205,7 +207,9 @@ def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
                 assert len(point[measure]) == 2
 
 
-def test_attacks_json_has_every_model_control_and_budget(capsys):
+def test_attacks_json_has_every_model_control_and_budget(capsys, monkeypatch):
+    # One attack (every attack runs in the test above): the models, controls and budgets here.
+    monkeypatch.setattr(studies, "ATTACKS", {"target input": "target"})
     argv = ["attacks", "--quick", "--json", "--seeds", "1", "--attack-steps", "10", *SMALL]
     argv += ["--attack-restarts", "1", "--adversarial-rounds", "1", "--adversarial-steps", "20"]
     assert studies.main(argv) == 0
@@ -435,13 +439,13 @@ def test_auroc_counts_ties_as_half():
 
 def test_probe_separates_known_triggers_and_random_directions_do_not(backdoored):
     config, model = backdoored
-    for point in ("target input", "target output"):
-        known, unknown, _, median = map(
-            float, studies.probe(model, jax.random.key(6), point, config.shapes)
-        )
-        assert known > 0.9, point  # the probe reads what it was fitted on, on new inputs
-        assert unknown > 0.9, point  # and, on a backdoored model, the unknown triggers too
-        assert abs(median - 0.5) < 0.05, point  # a random direction, on average, reads nothing
+    # One point: where the target block hands on, the place the method trains.
+    known, unknown, _, median = map(
+        float, studies.probe(model, jax.random.key(6), "target output", config.shapes)
+    )
+    assert known > 0.9  # the probe reads what it was fitted on, on new inputs
+    assert unknown > 0.9  # and, on a backdoored model, the unknown triggers too
+    assert abs(median - 0.5) < 0.05  # a random direction, on average, reads nothing
 
 
 def fake_gone_report(before, treated, auroc, control_auroc=(0.5, 0.5)):
@@ -565,7 +569,7 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     monkeypatch.setattr(studies, "RELEARN_STEPS", (10, 20))
     monkeypatch.setattr(studies, "RELEARN_KS", (0, 5))
     monkeypatch.setattr(studies, "PROBE_POINTS", {"target output": "post"})
-    argv = ["--quick", "--json", "--seeds", "1", *SMALL]
+    argv = ["--quick", "--json", "--seeds", "1"]  # the shapes of the probe tests above
     assert studies.main(["relearn", *argv]) == 0
     relearned = json.loads(capsys.readouterr().out)
     names = [*studies.GONE_ROWS, *(f"control {row}" for row in studies.GONE_ROWS)]
