@@ -1677,6 +1677,11 @@ def gone_or_hidden(relearn_report: dict[str, Any], probes_report: dict[str, Any]
     output reads the unknown triggers (mean AUROC above the random directions' mean 99th
     percentile, and the paired interval of AUROC minus the control's above 0); "gone" if neither.
     Needs two seeds or more (one seed has no interval)."""
+    if relearn_report["seeds"] != probes_report["seeds"]:
+        raise ValueError(
+            f"the relearn run's seeds {relearn_report['seeds']} are not the probes' "
+            f"{probes_report['seeds']}"
+        )
     if len(relearn_report["seeds"]) < 2:
         return ["one seed: no interval, no verdict"]
     lines = []

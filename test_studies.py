@@ -484,7 +484,10 @@ def test_gone_or_hidden_follows_the_relearning_and_the_probe():
     # Above the random baseline but no higher than on a model that never had the backdoor.
     relearn, probes = fake_gone_report([0.0, 0.01], [0.0, 0.01], [0.9, 0.95], [0.9, 0.96])
     assert studies.gone_or_hidden(relearn, probes)[0].startswith("naive: gone.")
-    relearn["seeds"] = [0]
+    probes["seeds"] = [0, 2]
+    with pytest.raises(ValueError, match="seeds"):
+        studies.gone_or_hidden(relearn, probes)
+    relearn["seeds"] = probes["seeds"] = [0]
     assert studies.gone_or_hidden(relearn, probes) == ["one seed: no interval, no verdict"]
 
 
