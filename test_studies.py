@@ -615,6 +615,7 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     monkeypatch.setattr(studies, "treated_and_controls", untrained)
     monkeypatch.setattr(studies, "RELEARN_STEPS", (10, 20))
     monkeypatch.setattr(studies, "RELEARN_KS", (0, 5))
+    monkeypatch.setattr(studies, "GONE_ROWS", ("backdoored", "unconditional"))
     monkeypatch.setattr(studies, "PROBE_POINTS", {"target output": "post"})
     argv = ["--quick", "--json", "--seeds", "1", *SMALL]
     assert studies.main(["relearn", *argv]) == 0
@@ -632,7 +633,9 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     assert studies.main(["probes", *argv, "--relearn", str(saved)]) == 0
     probed = json.loads(capsys.readouterr().out)
     assert list(probed["probes"]) == names
-    assert set(probed["probes"]["lat"]["probes"]["target output"]) == set(studies.PROBE_FIELDS)
+    assert set(probed["probes"]["unconditional"]["probes"]["target output"]) == set(
+        studies.PROBE_FIELDS
+    )
     assert probed["gone_or_hidden"] == ["one seed: no interval, no verdict"]
     assert studies.main(["probes", *argv, "--relearn", str(tmp_path / "missing.json")]) == 2
     assert "cannot read a relearn --json report" in capsys.readouterr().err
