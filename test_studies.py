@@ -715,3 +715,21 @@ def test_an_optimiser_start_sets_rmsprop_epsilon_in_a_fresh_or_carried_state(bac
         assert float(start.opt_state.hyperparams["eps"]) == pytest.approx(1e-3)
         statistics = jax.tree.leaves(nu(start.opt_state))
         assert all(float(jnp.abs(x).max()) == (0.0 if fresh else 0.5) for x in statistics)
+
+
+def test_persistence_reads_every_stream_and_their_mean_at_every_budget(capsys, monkeypatch):
+    monkeypatch.setattr(studies, "study_runs", untrained_runs)  # its own work, not the phases
+    monkeypatch.setattr(studies, "PERSISTENCE_BUDGETS", (10, 20))
+    assert studies.main(["persistence", "--quick", "--json", "--seeds", "2", *SMALL]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["budgets"] == [0, 10, 20]
+    for found in report["persistence"].values():
+        start = found["streams"]["0"]
+        assert len(start) == studies.PERSISTENCE_STREAMS and all(s == start[0] for s in start)
+        for budget in ("0", "10", "20"):
+            streams = [s["unknown"]["malign"] for s in found["streams"][budget]]
+            assert found["mean"][budget]["unknown"]["malign"] == pytest.approx(
+                np.mean(streams, axis=0)
+            )
+        assert found["streams"]["20"][0] != found["streams"]["20"][1]  # the streams differ
+    assert "rose on (seeds)" in studies.persistence_table(report)
