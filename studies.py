@@ -2288,26 +2288,23 @@ def erasure_tables(report: dict[str, Any]) -> str:
     ]
     out = [format_table(header, lines)]
     header = ["", "control", "rise - control's, 100", "300", "its rise, 100", "control's"]
-    header += ["linear in", "linear out", "MLP in", "MLP out", "control's linear out", "MLP out"]
+    probe_columns = [(kind, p) for kind in ("linear", "MLP") for p in ("target", "post")]
+    for kind, p in probe_columns:
+        header += [f"{kind} {'in' if p == 'target' else 'out'}", "control's"]
     lines = []
     for row in rows[1:]:
         control = control_of(row)
-        probes = found[row]["probes"]
         lines.append(
             [row, control]
             + [
                 paired_cell(relearn_rise(found, row, s) - relearn_rise(found, control, s))
                 for s in ("100", "300")
             ]
-            + [cell(relearn_rise(found, row, "100")), cell(relearn_rise(found, control, "100"))]
+            + [paired_cell(relearn_rise(found, name, "100")) for name in (row, control)]
             + [
-                cell(probes[p][f"unknown {kind}"])
-                for kind in ("linear", "MLP")
-                for p in ("target", "post")
-            ]
-            + [
-                cell(found[control]["probes"]["post"][f"unknown {kind}"])
-                for kind in ("linear", "MLP")
+                cell(found[name]["probes"][p][f"unknown {kind}"])
+                for kind, p in probe_columns
+                for name in (row, control)
             ]
         )
     title = (
@@ -2324,7 +2321,7 @@ def erasure_tables(report: dict[str, Any]) -> str:
         r = agreed["correlation"]
         lines.append(
             [row, cell(found[row]["groups"]["held_out"]["malign"])]
-            + [cell(relearn_rise(found, row, "100", "held_out"))]
+            + [paired_cell(relearn_rise(found, row, "100", "held_out"))]
             + [cell(found[row]["probes"]["post"]["held-out (defender)"])]
             + [str(n) for n in agreed["counts"].values()]
             + ["-" if r is None else f"{r:+.2f}"]

