@@ -542,7 +542,7 @@ def rows_tables(report: dict[str, Any]) -> str:
 
 ATTACK_STREAM = 10**6 + 2  # folded into a seed's key for the attacks
 # The models the attacks probe; each also as its matched control ("control " + row).
-ATTACK_ROWS = ("backdoored", "naive", "lat", "unconditional", "internal_adversarial")
+ATTACK_ROWS = ("backdoored", "naive", "lat", "unconditional", "internal_adversarial", "erasure")
 # attack -> the block whose input it shifts (None: the prompt embedding is replaced instead)
 ATTACKS = {"embedding": None, "target input": "target", "post input": "post"}
 # Each attack's L2 budgets (ascending), x the mean norm of what it replaces or shifts on ordinary

