@@ -879,18 +879,6 @@ def test_relearn_agreement_counts_flagged_against_hidden_seeds():
     assert agreed["correlation"] == pytest.approx(np.corrcoef(held_out, beyond)[0, 1])
 
 
-def test_split_probes_read_the_unknown_triggers_on_prompts_they_never_saw(backdoored):
-    config, model = backdoored
-    found = dict(
-        zip(
-            studies.SPLIT_PROBES,
-            map(float, studies.split_probes(model, jax.random.key(6), "post", config.shapes)),
-        )
-    )
-    assert found["unknown linear"] > 0.9 and found["unknown MLP"] > 0.9  # a backdoored model
-    assert found["held-out (defender)"] > 0.9  # the held-out triggers are malign too
-
-
 class PromptIdentity(eqx.Module):
     """A hand-made model whose activations are the one-hot prompt id plus noise drawn from the
     operands: they tell prompts apart and say nothing about a prompt's group."""
