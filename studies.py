@@ -653,7 +653,7 @@ def compare_tables(report: dict[str, Any]) -> str:
 
 def plot_compare(report: dict[str, Any], path: str) -> None:
     """Unknown-trigger malign (left) and ordinary accuracy (right) against passes per seed, one
-    line per method, 95% t-intervals over seeds as error bars."""
+    line per method (the backdoored model's accuracy dashed), 95% t-intervals over seeds as bars."""
     plt = pyplot()
     figure, (malign, accuracy) = plt.subplots(1, 2, figsize=(10, 4.2))
     found = report["compare"]
@@ -671,9 +671,11 @@ def plot_compare(report: dict[str, Any], path: str) -> None:
         axes.set_xscale("log")
         axes.set_xlabel("model passes per seed (forward and backward, one batch)")
         axes.set_ylabel(label)
+    before = np.mean(report["results"]["backdoored"]["ordinary"]["accuracy"])
+    accuracy.axhline(before, color="grey", linestyle="--", label="backdoored")
     malign.set_ylim(-0.05, 1.05)
     figure.suptitle(f"Equal compute ({len(report['seeds'])} seeds, 95% t-intervals)")
-    save(figure, malign, path)
+    save(figure, accuracy, path)
 
 
 # ----------------------------------------------------------------------------------------------
