@@ -1801,9 +1801,9 @@ def rise(report: dict[str, Any], row: str, steps: str, k: int = 5) -> np.ndarray
     )
 
 
-def paired_cell(difference: Sequence[float]) -> str:
+def paired_cell(difference: Sequence[float], digits: int = 2) -> str:
     mean, low, high = interval(difference)
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def relearn_tables(report: dict[str, Any]) -> str:
@@ -2635,7 +2635,7 @@ def two_task_table(report: dict[str, Any]) -> str:
             [row, *cost_cells(groups)]
             + [" / ".join(f"{np.mean(groups['unknown'][f'{t} malign']):.2f}" for t in TASKS)]
             + [cell(after[f"{t} accuracy"]) for t in TASKS]
-            + [f"{paired_cell(d)}, {int(np.sum(d > 0.01))}" for d in drops]
+            + [f"{paired_cell(d, 3)}, {int(np.sum(d > 0.01))}" for d in drops]
         )
     return format_table(header, lines)
 
