@@ -669,13 +669,17 @@ def plot_compare(report: dict[str, Any], path: str) -> None:
             )
     for axes, label in ((malign, "unknown-trigger malign rate"), (accuracy, "ordinary accuracy")):
         axes.set_xscale("log")
+        budgets = [f * found["method_passes"] for f in found["factors"]]
+        axes.set_xticks(budgets, [f"{b:,}\n({f}x)" for b, f in zip(budgets, found["factors"])])
+        axes.minorticks_off()
         axes.set_xlabel("model passes per seed (forward and backward, one batch)")
         axes.set_ylabel(label)
     before = np.mean(report["results"]["backdoored"]["ordinary"]["accuracy"])
     accuracy.axhline(before, color="grey", linestyle="--", label="backdoored")
     malign.set_ylim(-0.05, 1.05)
     figure.suptitle(f"Equal compute ({len(report['seeds'])} seeds, 95% t-intervals)")
-    save(figure, accuracy, path)
+    accuracy.legend(fontsize=8, loc="lower right")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------------------------
