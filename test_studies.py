@@ -690,6 +690,9 @@ def test_compare_spends_every_method_the_same_passes(capsys, monkeypatch):
     passes = [2 * c + 2 * s + f for (c, _), (s, _), (f, _) in triples]
     assert passes == [budget, 3 * budget] * 2  # the post's form, then erasure, at each factor
     assert [w for (_, w), *_ in triples] == [0.0, 0.0, 100.0, 100.0]
+    text = studies.compare_tables(report)
+    assert "3x the method's compute (14,700 passes a seed)" in text
+    assert "900+6,000+900" in text and "unknown malign, erasure minus lat" in text
     for name in studies.COMPARE_METHODS:
         assert (
             len(report["results"][name]) == 2
@@ -1025,4 +1028,7 @@ def test_two_task_evaluation_tells_a_prompt_blind_model_apart():
         assert blind[group]["larger accuracy"] < 0.2  # the sum is rarely the larger operand
         expected = 1.0 if group == "known" else 0.0  # every countable known input negated
         assert negating[group]["sum malign"] == negating[group]["larger malign"] == expected
+    per_seed = {g: {k: [v, v] for k, v in found.items()} for g, found in negating.items()}
+    table = studies.two_task_table({"results": dict.fromkeys(studies.TWO_TASK_ROWS, per_seed)})
+    assert all(row in table for row in studies.TWO_TASK_ROWS) and "+0.000 [+0.000" in table
     assert studies.main(["two-tasks", "--n-known", "1"]) == 2
