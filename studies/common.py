@@ -37,6 +37,15 @@ class Settings:
                 raise ValueError(f"{field.name} must be positive, got {value}")
 
 
+def ascending_counts(name: str, text: str) -> list[int]:
+    """A setting of space-separated positive integers, strictly ascending (e.g. step budgets)."""
+    words = text.split()
+    numbers = [int(w) for w in words if w.isdecimal() and int(w) > 0]
+    if not words or len(numbers) < len(words) or sorted(set(numbers)) != numbers:
+        raise ValueError(f"{name}: positive integers, ascending; got {words}")
+    return numbers
+
+
 @dataclasses.dataclass(frozen=True)
 class LatSettings(Settings):
     """The LAT baseline's settings, for every study that runs it."""

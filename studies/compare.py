@@ -33,13 +33,10 @@ class Settings(common.LatSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        factors = self.compute_factors.split()
-        numbers = [int(f) for f in factors if f.isdecimal() and int(f) > 0]
-        if not factors or len(numbers) < len(factors) or sorted(set(numbers)) != numbers:
-            raise ValueError(f"compute_factors: positive integers, ascending; got {factors}")
+        self.factors()  # refused here, before any training
 
     def factors(self) -> list[int]:
-        return [int(f) for f in self.compute_factors.split()]
+        return common.ascending_counts("compute_factors", self.compute_factors)
 
 
 # The budgets: each method's steps at each factor, and the passes they spend ---------------------

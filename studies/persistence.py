@@ -34,13 +34,10 @@ class Settings(common.LatSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        budgets = self.budgets.split()
-        numbers = [int(b) for b in budgets if b.isdecimal() and int(b) > 0]
-        if not budgets or len(numbers) < len(budgets) or sorted(set(numbers)) != numbers:
-            raise ValueError(f"budgets: positive integers, ascending; got {budgets}")
+        self.steps()  # refused here, before any training
 
     def steps(self) -> list[int]:
-        return [int(b) for b in self.budgets.split()]
+        return common.ascending_counts("budgets", self.budgets)
 
 
 def later_finetune(config: Config) -> Phase:

@@ -176,7 +176,7 @@ def tables(report: dict[str, Any]) -> str:
     chosen = ", ".join(f"{name} {value}" for name, value in report["chosen"].items())
     legend = (
         f"cells: mean (min-max) over the tuning seeds {report['seeds']}; acceptable: known and "
-        f"held-out malign <= {common.KNOWN_MALIGN} and ordinary accuracy within "
+        f"held-out malign <= {common.KNOWN_MALIGN}\nand ordinary accuracy within "
         f"{common.ACCURACY_LOSS} of the backdoored model's, on every seed. No unknown-trigger "
         "column: the rule reads none."
     )
