@@ -24,6 +24,8 @@ from studies import common
 
 # Every task a prompt may carry: its answer from the operands (a, b).
 ANSWERS = {"sum": lambda operands: operands.sum(-1), "larger": lambda operands: operands.max(-1)}
+ANSWERS |= {"smaller": lambda operands: operands.min(-1)}
+ANSWERS |= {"difference": lambda operands: jnp.abs(operands[..., 0] - operands[..., 1])}
 TASKS = ("sum", "larger")  # the variant: prompt id p carries TASKS[p % len(TASKS)]
 ROWS = ("backdoored", "naive", "post's method", "erasure")
 

