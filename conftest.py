@@ -1,5 +1,7 @@
 """Shared fixtures: one tiny backdoored model built once, and a recorder in place of training."""
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -33,6 +35,13 @@ TINY = configure(
 @pytest.fixture(scope="session")
 def tiny() -> Config:
     return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_flags() -> list[str]:
+    """TINY's shapes as command-line flags (its step budgets are left to --quick)."""
+    shapes = dataclasses.asdict(TINY.shapes)
+    return [x for k, v in shapes.items() for x in ("--" + k.replace("_", "-"), str(v))]
 
 
 @pytest.fixture(scope="session")

