@@ -78,6 +78,14 @@ def test_the_ascent_stays_within_its_radius_and_raises_the_gap():
     assert gap(found) > gap(start)
 
 
+def test_the_variants_add_one_factor_after_another():
+    variants = list(consistency.VARIANTS.values())
+    assert variants[0]["blocks"] == ("pre", "target") and variants[0]["simulated"] == "none"
+    assert consistency.EVERY_INPUT == ("input_layer", "pre", "target")  # the input layer trains
+    assert all("blocks" not in v and v["points"] == ("pre", "target", "post") for v in variants[1:])
+    assert [v["simulated"] for v in variants[1:]] == ["none", "drawn", "adversarial"]
+
+
 def test_each_variant_trains_its_blocks_on_its_own_loss(tiny, tiny_backdoored, recording):
     settings = consistency.Settings(tasks="sum larger")
     runs = consistency.consistency_runs(tiny, settings, tiny_backdoored[1])
