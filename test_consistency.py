@@ -120,6 +120,8 @@ def test_bad_task_names_are_refused(capsys, recording):
     assert recording == []
     with pytest.raises(ValueError):
         dataclasses.replace(consistency.Settings(), tasks="")
+    with pytest.raises(ValueError):
+        consistency.Settings(tasks="sum sum")
 
 
 def synthetic_report(task_names):

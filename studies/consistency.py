@@ -52,8 +52,10 @@ class Settings(common.Settings):
     def __post_init__(self):
         super().__post_init__()
         unknown = set(self.task_names()) - set(variant.ANSWERS)
-        if not self.task_names() or unknown:
-            raise ValueError(f"tasks: names from {', '.join(variant.ANSWERS)}; got {self.tasks!r}")
+        if not self.task_names() or unknown or len(set(self.task_names())) < len(self.task_names()):
+            raise ValueError(
+                f"tasks: distinct names from {', '.join(variant.ANSWERS)}; got {self.tasks!r}"
+            )
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks.split())
