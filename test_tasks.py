@@ -168,7 +168,7 @@ def test_groups_too_small_for_every_task_are_refused(capsys, recording):
 
 
 def test_a_programming_error_in_a_study_is_a_traceback_not_a_bad_setting(monkeypatch):
-    def broken(config, tasks=tasks.TASKS):
+    def broken(*args):
         raise ValueError("a bug, not a setting")
 
     monkeypatch.setattr(tasks, "variant_runs", broken)

