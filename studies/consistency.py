@@ -203,7 +203,9 @@ def consistency_loss(
     gap = pair_gap(known_hidden, ordinary_hidden, points)
     if simulated != "none":
 
-        def simulated_gap(embeddings: Float[Array, "n e"], rows=None) -> Scalar:
+        def simulated_gap(
+            embeddings: Float[Array, "n e"], rows: Bool[Array, " n"] | None = None
+        ) -> Scalar:
             first_hidden = jax.vmap(model.first_hidden)(embeddings, operands)
             hidden = jax.vmap(lambda x: model.onward(x, "pre")[1])(first_hidden)
             return pair_gap(hidden, ordinary_hidden, points, rows)
