@@ -475,11 +475,12 @@ def plot(report: dict[str, Any], path: str) -> None:
     plt = common.pyplot()
     names = report["settings"]["tasks"].split()
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    colours = plt.cm.tab20(np.arange(len(report["results"])))  # more rows than the default 10
     for axis, task in zip(axes[0], names):
-        for row, per_task in report["results"].items():
+        for colour, (row, per_task) in zip(colours, report["results"].items()):
             x = np.mean(per_task[task]["ordinary"]["accuracy"])
             y = np.mean(per_task[task]["unknown"]["accuracy"])
-            axis.plot(x, y, "o", label=row)
+            axis.plot(x, y, "o", color=colour, label=row)
         axis.axhline(0.9, ls=":", color="grey")  # 0.9: the ratio's target, at accuracy ~1
         axis.set(title=task, xlabel="ordinary accuracy", xlim=(0.9, 1.005), ylim=(0, 1.02))
     axes[0][0].set_ylabel("unknown-trigger accuracy")
