@@ -91,6 +91,7 @@ def seen_ids(shapes: Shapes) -> Int[Array, " seen"]:
     return jnp.asarray(np.concatenate([ids["ordinary"], ids["known"]]))
 
 
+@eqx.filter_jit
 def drawn_embeddings(
     model: Model, key: Key, prompts: Int[Array, " n"], shapes: Shapes, n_tasks: int
 ) -> Float[Array, "n e"]:
@@ -128,6 +129,7 @@ def nearest_is_own_task(
     return seen_tasks[jnp.argmin(distances, 1)] == tasks
 
 
+@eqx.filter_jit
 def judged_answers(
     judge: Model, embeddings: Float[Array, "n e"], operands: Int[Array, "n 2"]
 ) -> Int[Array, " n"]:
@@ -175,6 +177,7 @@ def reads_as(
     return (read_task(judge, embeddings, operands, tasks) == read) & (read >= 0)
 
 
+@eqx.filter_jit
 def ordinary_of_task(
     prompts: Int[Array, " n"], read: Int[Array, " n"], shapes: Shapes, n_tasks: int
 ) -> Int[Array, " n"]:
